@@ -1,0 +1,404 @@
+"""The 11 MedMNIST+ 2D datasets: registry, verified download, memory-mapped splits, shot sampling, synthetic twins.
+
+Every later stage reads images through this module. It imports no torch: reading class names from
+``medmnist.INFO`` loads ``medmnist/info.py`` on its own, because ``import medmnist`` pulls in torch and
+torchvision (about 6 s per process, and the pipeline starts dozens of processes).
+
+Splits are read from the official ``.npz`` once, streamed member by member into uncompressed ``.npy`` files next
+to it (``<root>/.extracted/``), and then opened with ``np.load(mmap_mode="r")``: a 224-px TissueMNIST split
+(8.3 GB for train) is never held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+SIZES = (28, 64, 128, 224)
+SPLITS = ("train", "val", "test")
+SYNTHETIC_MANIFEST = "SYNTHETIC.json"
+
+# Per-dataset facts that medmnist.INFO does not hold: the phrase that says what kind of image it is (used in every
+# text prompt) and, for RetinaMNIST, how its bare grade labels "0".."4" read in a sentence.
+_MODALITY = {
+    "pathmnist": ("colon pathology slide", "{}"),
+    "dermamnist": ("dermatoscopic image", "{}"),
+    "octmnist": ("retinal OCT scan", "{}"),
+    "pneumoniamnist": ("pediatric chest X-ray", "{}"),
+    "retinamnist": ("fundus photograph", "diabetic retinopathy grade {}"),
+    "breastmnist": ("breast ultrasound", "{}"),
+    "bloodmnist": ("blood cell microscopy image", "{}"),
+    "tissuemnist": ("kidney cortex microscopy image", "{}"),
+    "organamnist": ("abdominal CT in axial view", "{}"),
+    "organcmnist": ("abdominal CT in coronal view", "{}"),
+    "organsmnist": ("abdominal CT in sagittal view", "{}"),
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One benchmark dataset. ``classes`` are medmnist's label texts in label order (never retyped)."""
+
+    name: str
+    classes: tuple[str, ...]
+    n_channels: int
+    task: str
+    modality: str
+    n_samples: Mapping[str, int] = field(hash=False)
+    class_format: str = "{}"
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def prompt_names(self) -> tuple[str, ...]:
+        """Class names as they appear in text prompts (``class_format`` applied)."""
+        return tuple(self.class_format.format(c) for c in self.classes)
+
+
+@cache
+def medmnist_info() -> dict:
+    """``medmnist.INFO``, loaded from ``medmnist/info.py`` without importing the package (and torch with it)."""
+    spec = importlib.util.find_spec("medmnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the 'medmnist' package is not installed: pip install medmnist")
+    path = Path(next(iter(spec.submodule_search_locations))) / "info.py"
+    info_spec = importlib.util.spec_from_file_location("_biovlm_medmnist_info", path)
+    module = importlib.util.module_from_spec(info_spec)
+    info_spec.loader.exec_module(module)
+    return module.INFO
+
+
+def _build_registry() -> dict[str, DatasetInfo]:
+    info = medmnist_info()
+    registry = {}
+    for name, (modality, class_format) in _MODALITY.items():
+        entry = info[name]
+        labels = entry["label"]
+        registry[name] = DatasetInfo(
+            name=name,
+            classes=tuple(labels[str(i)] for i in range(len(labels))),
+            n_channels=int(entry["n_channels"]),
+            task=entry["task"],
+            modality=modality,
+            n_samples=dict(entry["n_samples"]),
+            class_format=class_format,
+        )
+    return registry
+
+
+DATASETS: dict[str, DatasetInfo] = _build_registry()
+
+
+def get_dataset(name: str) -> DatasetInfo:
+    """The registry entry for ``name``; anything else (chestmnist, 3D sets, typos) is a clear error."""
+    if name in DATASETS:
+        return DATASETS[name]
+    why = " (multi-label: not part of this single-label benchmark)" if name == "chestmnist" else ""
+    raise ValueError(f"unknown dataset {name!r}{why}; valid names: {', '.join(DATASETS)}")
+
+
+def _check_size(size: int) -> None:
+    if size not in SIZES:
+        raise ValueError(f"image size {size!r} is not a MedMNIST+ size; choose one of {SIZES}")
+
+
+def _size_suffix(size: int) -> str:
+    return "" if size == 28 else f"_{size}"
+
+
+def npz_path(name: str, size: int, root: str | Path) -> Path:
+    """Where medmnist keeps ``name`` at ``size``: ``<root>/<flag>.npz`` (28 px) or ``<flag>_<size>.npz``."""
+    get_dataset(name)
+    _check_size(size)
+    return Path(root) / f"{name}{_size_suffix(size)}.npz"
+
+
+def official_source(name: str, size: int) -> tuple[str, str]:
+    """(url, md5) of the official file, as recorded in ``medmnist.INFO``."""
+    entry = medmnist_info()[get_dataset(name).name]
+    suffix = _size_suffix(size)
+    return entry[f"url{suffix}"], entry[f"MD5{suffix}"]
+
+
+def file_md5(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ChecksumError(ValueError):
+    """A data file is present but is not the file the benchmark expects."""
+
+
+def _expected_md5(name: str, size: int, path: Path) -> tuple[str, str]:
+    """(md5, where it comes from): a synthetic twin's manifest in that folder, else the official INFO entry."""
+    manifest = path.parent / SYNTHETIC_MANIFEST
+    if manifest.exists():
+        entries = json.loads(manifest.read_text())
+        if path.name in entries:
+            return entries[path.name]["md5"], f"synthetic manifest {manifest}"
+    return official_source(name, size)[1], "medmnist.INFO"
+
+
+def ensure_npz(name: str, size: int = 28, root: str | Path = "data/raw", download: bool = True) -> Path:
+    """Return the md5-verified npz of ``name`` at ``size``, downloading it through medmnist when missing.
+
+    A present file with the wrong md5 is refused, never used or overwritten: re-saved copies with the same images
+    but other labels circulate publicly.
+    """
+    path = npz_path(name, size, root)
+    if path.exists():
+        expected, source = _expected_md5(name, size, path)
+        actual = file_md5(path)
+        if actual != expected:
+            raise ChecksumError(
+                f"{path}: md5 {actual} does not match the expected {expected} ({source}). The file is not the "
+                f"official one (or is damaged). Delete it and rerun to download the official file"
+                f" (url: {official_source(name, size)[0]})."
+            )
+        return path
+    url, _ = official_source(name, size)
+    if not download:
+        raise FileNotFoundError(f"{path} is missing; download it from {url} (or allow downloading)")
+    _download_with_medmnist(name, size, Path(root), url)
+    return ensure_npz(name, size, root, download=False)
+
+
+def _download_with_medmnist(name: str, size: int, root: Path, url: str) -> None:
+    """medmnist's own download (official URL and md5 check, through torchvision's ``download_url``)."""
+    import medmnist  # heavy: imports torch; only needed here
+
+    root.mkdir(parents=True, exist_ok=True)
+    dataset_class = getattr(medmnist, medmnist_info()[name]["python_class"])
+    try:
+        dataset_class(split="test", root=str(root), size=size, download=True)
+    except Exception as error:  # network, HTTP and checksum failures all end here
+        raise RuntimeError(
+            f"could not download {npz_path(name, size, root).name} from {url}: {error}. Without network access, "
+            f"fetch that file elsewhere and place it at {npz_path(name, size, root)}."
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------- split access
+
+
+def _extracted_dir(path: Path) -> Path:
+    return path.parent / ".extracted" / path.stem
+
+
+def _stream_member_to_npy(archive: zipfile.ZipFile, key: str, target: Path, rows_per_chunk: int = 2048) -> None:
+    """Copy one array out of an npz into an uncompressed .npy, a few thousand rows at a time."""
+    with archive.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(member)
+        if fortran_order:
+            raise ValueError(f"{key} is stored in Fortran order; MedMNIST files are C-ordered: is this file intact?")
+        tmp = target.with_suffix(".tmp.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        for start in range(0, shape[0], rows_per_chunk):
+            stop = min(start + rows_per_chunk, shape[0])
+            buf = member.read((stop - start) * row_bytes)
+            out[start:stop] = np.frombuffer(buf, dtype=dtype).reshape((stop - start, *shape[1:]))
+        out.flush()
+        del out
+    os.replace(tmp, target)
+
+
+def _extract(path: Path) -> Path:
+    """One-time extraction of every split of ``path``; reused while the npz's size and mtime are unchanged."""
+    folder = _extracted_dir(path)
+    stat = path.stat()
+    stamp = {"source": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    marker = folder / "source.json"
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    with zipfile.ZipFile(path) as archive:
+        members = {n.removesuffix(".npy") for n in archive.namelist()}
+        expected = {f"{s}_{part}" for s in SPLITS for part in ("images", "labels")}
+        if missing := sorted(expected - members):
+            raise ValueError(f"{path} lacks the arrays {missing}; it is not a MedMNIST file")
+        for key in sorted(expected):
+            _stream_member_to_npy(archive, key, folder / f"{key}.npy")
+    marker.write_text(json.dumps(stamp))
+    return folder
+
+
+def load_split(
+    name: str, split: str, size: int = 28, root: str | Path = "data/raw", download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8 ``[N,H,W]`` or ``[N,H,W,3]``, memory-mapped) and labels (int64 ``[N]``) of one split."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    info = get_dataset(name)
+    path = npz_path(name, size, root)
+    folder = _extracted_dir(path)
+    # Verify the md5 only when the file is new or changed: hashing a multi-GB file on every read would dominate.
+    marker = folder / "source.json"
+    stat = path.stat() if path.exists() else None
+    fresh = (
+        stat is not None
+        and marker.exists()
+        and json.loads(marker.read_text()) == {"source": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    )
+    if not fresh:
+        ensure_npz(name, size, root, download=download)
+        _extract(path)
+    images = np.load(folder / f"{split}_images.npy", mmap_mode="r")
+    labels = np.load(folder / f"{split}_labels.npy").reshape(-1).astype(np.int64)
+    expected_ndim = 3 if info.n_channels == 1 else 4
+    if images.ndim != expected_ndim or images.shape[1:3] != (size, size) or len(images) != len(labels):
+        raise ValueError(
+            f"{path}: {split} images have shape {images.shape} and {len(labels)} labels; expected "
+            f"[N,{size},{size}{'' if info.n_channels == 1 else ',3'}] with one label each"
+        )
+    return images, labels
+
+
+def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, batch)`` pairs; each batch is an in-memory copy of ``batch_size`` rows of a memory-mapped split."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    for start in range(0, len(images), batch_size):
+        yield start, np.array(images[start : start + batch_size])
+
+
+# ---------------------------------------------------------------------------------------------- shots and splits
+
+
+def few_shot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``k`` examples per class, deterministic for ``seed`` and nested across ``k``.
+
+    Each class draws one fixed permutation from a generator seeded by ``(seed, class)`` and takes its first ``k``
+    entries, so for one seed the 1-shot set lies inside the 2-shot set, ..., inside the 16-shot set, and no class's
+    draw depends on another's.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if k <= 0:
+        raise ValueError(f"shots per class must be positive, got k={k}")
+    n_classes = int(labels.max()) + 1 if labels.size else 0
+    chosen = []
+    for c in range(n_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) < k:
+            raise ValueError(
+                f"class {c} has only {len(members)} examples, fewer than the {k} shots asked for; "
+                f"lower the shot count (fewshot.shots / base2new.shots)"
+            )
+        order = np.random.default_rng([seed, c]).permutation(len(members))
+        chosen.append(members[order[:k]])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def val_shot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Validation shots: ``min(k, 4)`` per class from the val split, by the same nested rule."""
+    return few_shot_indices(labels, min(k, 4), seed)
+
+
+def base_novel_split(n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Label ids of the base classes (the first ``ceil(n/2)``) and the novel ones (the rest).
+
+    Evaluation relabels each group from 0. This is the published protocol, kept as is; note its consequence for the
+    two-class datasets (PneumoniaMNIST, BreastMNIST): base and novel hold one class each, so accuracy on either is
+    trivially 100% and reports flag those rows.
+    """
+    if n_classes < 2:
+        raise ValueError(f"a base/novel split needs at least 2 classes, got {n_classes}")
+    n_base = math.ceil(n_classes / 2)
+    return np.arange(n_base), np.arange(n_base, n_classes)
+
+
+# ---------------------------------------------------------------------------------------------- synthetic twins
+
+
+def _synthetic_images(name: str, labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Images whose class shows as a grating orientation and a blob position, in a dataset-specific style."""
+    info = get_dataset(name)
+    style = np.random.default_rng(list(name.encode()))  # the same look for a dataset, whatever the seed
+    background = style.uniform(40, 120)
+    frequency = style.uniform(2.0, 4.0)
+    tint = style.uniform(0.5, 1.0, size=3)
+    n = len(labels)
+    axis = (np.arange(size) + 0.5) / size - 0.5
+    yy, xx = np.meshgrid(axis, axis, indexing="ij")
+    angle = np.pi * labels / info.n_classes + rng.normal(0, 0.08, n)
+    phase = rng.uniform(0, 2 * np.pi, n)
+    along = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy
+    grating = np.sin(2 * np.pi * frequency * along + phase[:, None, None])
+    ring = 2 * np.pi * labels / info.n_classes
+    cx = 0.25 * np.cos(ring) + rng.normal(0, 0.04, n)
+    cy = 0.25 * np.sin(ring) + rng.normal(0, 0.04, n)
+    blob = np.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / (2 * 0.1**2))
+    contrast = rng.uniform(0.6, 1.0, n)[:, None, None]
+    grey = background + contrast * (45 * grating + 90 * blob) + rng.normal(0, 18, (n, size, size))
+    image = grey if info.n_channels == 1 else grey[..., None] * tint + (1 - tint) * background
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_synthetic(
+    name: str,
+    size: int = 28,
+    n_per_split: int | Mapping[str, int] = 200,
+    seed: int = 0,
+    root: str | Path = "data/raw",
+    chunk: int = 1024,
+) -> Path:
+    """Write a synthetic twin of ``name`` in the official npz format (keys, key order, dtypes, label shape).
+
+    Labels are balanced over the classes and shuffled; images carry learnable class structure. The file's md5 goes
+    into ``<root>/SYNTHETIC.json``, which ``ensure_npz`` checks instead of the official md5 (and never downloads).
+    Images are generated and compressed in chunks, so a 224-px twin of a large split fits in little memory.
+    """
+    info = get_dataset(name)
+    _check_size(size)
+    counts = {s: n_per_split for s in SPLITS} if isinstance(n_per_split, int) else dict(n_per_split)
+    if set(counts) != set(SPLITS) or min(counts.values()) < info.n_classes:
+        raise ValueError(f"n_per_split needs train/val/test counts of at least {info.n_classes} each, got {counts}")
+    path = npz_path(name, size, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, *name.encode()])
+    labels = {s: rng.permutation(np.arange(counts[s]) % info.n_classes).astype(np.uint8) for s in SPLITS}
+    image_shape = (size, size) if info.n_channels == 1 else (size, size, 3)
+    # Official 28-px files list all image arrays first; MedMNIST+ files (64 px and up) pair images with labels.
+    if size == 28:
+        order = [f"{s}_images" for s in SPLITS] + [f"{s}_labels" for s in SPLITS]
+    else:
+        order = [f"{s}_{part}" for s in SPLITS for part in ("images", "labels")]
+    tmp = path.with_suffix(".tmp.npz")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for key in order:
+            split, part = key.split("_")
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                if part == "labels":
+                    np.lib.format.write_array(member, labels[split].reshape(-1, 1))
+                    continue
+                shape = (counts[split], *image_shape)
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": shape}
+                np.lib.format.write_array_header_1_0(member, header)
+                for start in range(0, counts[split], chunk):
+                    part_labels = labels[split][start : start + chunk].astype(np.int64)
+                    member.write(_synthetic_images(name, part_labels, size, rng).tobytes())
+    os.replace(tmp, path)
+    manifest_path = path.parent / SYNTHETIC_MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest[path.name] = {"md5": file_md5(path), "dataset": name, "size": size, "seed": seed, "counts": counts}
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return path
