@@ -187,9 +187,12 @@ def _download_with_medmnist(name: str, size: int, root: Path, url: str) -> None:
     try:
         dataset_class(split="test", root=str(root), size=size, download=True)
     except Exception as error:  # network, HTTP and checksum failures all end here
+        cause = error
+        while cause.__context__ is not None:  # medmnist wraps the real failure in a generic message
+            cause = cause.__context__
         raise RuntimeError(
-            f"could not download {npz_path(name, size, root).name} from {url}: {error}. Without network access, "
-            f"fetch that file elsewhere and place it at {npz_path(name, size, root)}."
+            f"could not download {npz_path(name, size, root).name} from {url} ({type(cause).__name__}: {cause}). "
+            f"Without network access, fetch that file elsewhere and place it at {npz_path(name, size, root)}."
         ) from error
 
 

@@ -1,0 +1,253 @@
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from biovlm import data
+from biovlm.data import (
+    DATASETS,
+    ChecksumError,
+    base_novel_split,
+    ensure_npz,
+    few_shot_indices,
+    get_dataset,
+    iter_batches,
+    load_split,
+    make_synthetic,
+    val_shot_indices,
+)
+
+BREAST_COUNTS = {"train": (147, 399), "val": (21, 57), "test": (42, 114)}
+
+
+def test_registry_matches_medmnist_info():
+    import medmnist
+
+    assert list(DATASETS) == [
+        "pathmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist", "breastmnist",
+        "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
+    ]
+    for name, info in DATASETS.items():
+        official = medmnist.INFO[name]
+        assert info.classes == tuple(official["label"][str(i)] for i in range(len(official["label"])))
+        assert info.n_channels == official["n_channels"]
+        assert info.task == official["task"]
+        assert info.modality and info.n_classes == len(official["label"])
+
+
+def test_retina_grades_read_as_sentences():
+    assert get_dataset("retinamnist").prompt_names[2] == "diabetic retinopathy grade 2"
+    assert get_dataset("breastmnist").prompt_names == ("malignant", "normal, benign")
+
+
+@pytest.mark.parametrize("name", ["chestmnist", "nodulemnist3d", "pathmnst"])
+def test_unknown_or_multilabel_dataset_is_refused(name):
+    with pytest.raises(ValueError, match="valid names: pathmnist, dermamnist") as error:
+        get_dataset(name)
+    if name == "chestmnist":
+        assert "multi-label" in str(error.value)
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_official_breastmnist_loads_with_published_counts(official_breastmnist, size):
+    for split, (malignant, benign) in BREAST_COUNTS.items():
+        images, labels = load_split("breastmnist", split, size=size, root=official_breastmnist)
+        assert images.dtype == np.uint8 and labels.dtype == np.int64
+        assert images.shape == (malignant + benign, size, size)
+        assert np.bincount(labels).tolist() == [malignant, benign]
+        assert isinstance(images, np.memmap)
+
+
+def test_extracted_split_equals_npz_content(official_breastmnist):
+    images, labels = load_split("breastmnist", "val", size=64, root=official_breastmnist)
+    with np.load(official_breastmnist / "breastmnist_64.npz") as raw:
+        np.testing.assert_array_equal(images, raw["val_images"])
+        np.testing.assert_array_equal(labels, raw["val_labels"].reshape(-1))
+
+
+def test_file_with_one_byte_changed_is_refused(official_breastmnist):
+    path = official_breastmnist / "breastmnist.npz"
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    actual = hashlib.md5(bytes(blob)).hexdigest()
+    with pytest.raises(ChecksumError) as error:
+        load_split("breastmnist", "train", size=28, root=official_breastmnist)
+    message = str(error.value)
+    assert str(path) in message and actual in message
+    assert "750601b1f35ba3300ea97c75c52ff8f6" in message and "Delete it" in message
+
+
+def test_changed_file_is_rechecked_after_extraction(official_breastmnist):
+    load_split("breastmnist", "train", size=28, root=official_breastmnist)
+    path = official_breastmnist / "breastmnist.npz"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ChecksumError):
+        load_split("breastmnist", "train", size=28, root=official_breastmnist)
+
+
+def test_missing_file_offline_names_file_and_url(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"breastmnist_128\.npz is missing; download it from https://zenodo"):
+        ensure_npz("breastmnist", 128, tmp_path, download=False)
+
+
+def test_download_goes_through_medmnist_with_official_url_and_md5(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    calls = []
+
+    def fake_download_url(url, root, filename, md5):
+        calls.append((url, filename, md5))
+        if not (data_dir := Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist").exists():
+            raise OSError("network unreachable")
+        shutil.copyfile(data_dir / filename, Path(root) / filename)
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", fake_download_url)
+    url, md5 = data.official_source("breastmnist", 64)
+    try:
+        path = ensure_npz("breastmnist", 64, tmp_path)
+    except RuntimeError as error:  # no official copy beside the checkout: the failure must name file and URL
+        assert "breastmnist_64.npz" in str(error) and url in str(error)
+    else:
+        assert path == tmp_path / "breastmnist_64.npz"
+    assert calls[0] == (url, "breastmnist_64.npz", md5)
+
+
+def test_failed_download_names_file_and_url(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    def unreachable(url, root, filename, md5):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", unreachable)
+    with pytest.raises(RuntimeError, match=r"could not download pathmnist_224\.npz from https://zenodo.*unreachable"):
+        ensure_npz("pathmnist", 224, tmp_path)
+
+
+def test_bad_size_and_split_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"image size 32 is not a MedMNIST\+ size"):
+        ensure_npz("breastmnist", 32, tmp_path)
+    with pytest.raises(ValueError, match="unknown split 'valid'"):
+        load_split("breastmnist", "valid", root=tmp_path)
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_synthetic_twin_has_the_official_layout(official_breastmnist, tmp_path, size):
+    twin = make_synthetic("breastmnist", size, {"train": 40, "val": 10, "test": 20}, seed=1, root=tmp_path / "twin")
+    official = data.npz_path("breastmnist", size, official_breastmnist)
+    with np.load(twin) as fake, np.load(official) as real:
+        assert list(fake.keys()) == list(real.keys())
+        for key in real:
+            assert fake[key].dtype == real[key].dtype
+            assert fake[key].shape[1:] == real[key].shape[1:]
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_synthetic_twin_of_every_dataset_loads(tmp_path, name):
+    info = get_dataset(name)
+    make_synthetic(name, 28, 3 * info.n_classes, seed=0, root=tmp_path)
+    images, labels = load_split(name, "test", 28, tmp_path)
+    expected = (3 * info.n_classes, 28, 28) if info.n_channels == 1 else (3 * info.n_classes, 28, 28, 3)
+    assert images.shape == expected
+    assert np.bincount(labels).tolist() == [3] * info.n_classes
+
+
+def test_synthetic_twin_is_deterministic_and_class_structured(tmp_path):
+    a = make_synthetic("bloodmnist", 28, 80, seed=3, root=tmp_path / "a")
+    b = make_synthetic("bloodmnist", 28, 80, seed=3, root=tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+    images, labels = load_split("bloodmnist", "train", 28, tmp_path / "a")
+    # nearest class mean on the train split already separates classes far above chance (1/8)
+    x = images.reshape(len(images), -1).astype(np.float32)
+    means = np.stack([x[labels == c].mean(0) for c in range(8)])
+    test_images, test_labels = load_split("bloodmnist", "test", 28, tmp_path / "a")
+    t = test_images.reshape(len(test_images), -1).astype(np.float32)
+    predicted = ((t[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    assert (predicted == test_labels).mean() > 0.5
+
+
+def test_synthetic_twin_is_verified_by_its_manifest(tmp_path):
+    path = make_synthetic("pneumoniamnist", 28, 10, seed=0, root=tmp_path)
+    path.write_bytes(path.read_bytes()[:-1] + b"\1")
+    with pytest.raises(ChecksumError, match="synthetic manifest"):
+        ensure_npz("pneumoniamnist", 28, tmp_path)
+
+
+def test_iter_batches_covers_split_in_order(synthetic_root):
+    images, _ = load_split("organamnist", "train", 28, synthetic_root)
+    starts, total = [], []
+    for start, batch in iter_batches(images, 100):
+        starts.append(start)
+        total.append(batch)
+        assert not isinstance(batch, np.memmap)
+    assert starts == [0, 100, 200]
+    np.testing.assert_array_equal(np.concatenate(total), images)
+
+
+labels_strategy = st.lists(st.integers(0, 4), min_size=5, max_size=200).map(
+    lambda xs: np.array(xs + [c for c in range(5) for _ in range(16)])  # every class has at least 16 examples
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(labels=labels_strategy, seed=st.integers(0, 2**31 - 1))
+def test_few_shot_indices_are_nested_exact_and_deterministic(labels, seed):
+    previous = None
+    for k in (1, 2, 4, 8, 16):
+        chosen = few_shot_indices(labels, k, seed)
+        assert len(np.unique(chosen)) == len(chosen) == 5 * k
+        assert np.bincount(labels[chosen], minlength=5).tolist() == [k] * 5
+        assert np.array_equal(chosen, few_shot_indices(labels.copy(), k, seed))
+        if previous is not None:
+            assert set(previous) <= set(chosen)
+        previous = chosen
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 2))
+def test_few_shot_indices_differ_across_seeds(seed):
+    labels = np.repeat(np.arange(4), 50)
+    assert not np.array_equal(few_shot_indices(labels, 4, seed), few_shot_indices(labels, 4, seed + 1))
+
+
+def test_few_shot_indices_are_stable_across_machines():
+    # pinned: a change here silently changes every published number
+    labels = np.repeat(np.arange(3), 10)
+    assert few_shot_indices(labels, 2, seed=1).tolist() == few_shot_indices(labels, 2, seed=1).tolist()
+    expected = [np.random.default_rng([1, c]).permutation(10)[:2] + 10 * c for c in range(3)]
+    assert few_shot_indices(labels, 2, seed=1).tolist() == sorted(np.concatenate(expected).tolist())
+
+
+def test_too_small_class_is_named():
+    labels = np.array([0] * 20 + [1] * 3 + [2] * 20)
+    with pytest.raises(ValueError, match="class 1 has only 3 examples, fewer than the 4 shots"):
+        few_shot_indices(labels, 4, seed=1)
+
+
+def test_val_shots_cap_at_four_per_class():
+    labels = np.repeat(np.arange(3), 10)
+    assert np.bincount(labels[val_shot_indices(labels, 16, seed=2)]).tolist() == [4, 4, 4]
+    assert np.bincount(labels[val_shot_indices(labels, 2, seed=2)]).tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("n", "base", "novel"), [(2, [0], [1]), (5, [0, 1, 2], [3, 4]), (11, list(range(6)), [6, 7, 8, 9, 10])]
+)
+def test_base_novel_split(n, base, novel):
+    b, v = base_novel_split(n)
+    assert b.tolist() == base and v.tolist() == novel
+
+
+def test_light_import_does_not_pull_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, biovlm.data, biovlm.prompts; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
