@@ -1,0 +1,389 @@
+"""Class attributes: the shipped curated set, and live LLM querying through a committed response cache.
+
+Attributes are short visual descriptions of a class ("large empty polygonal spaces left by dissolved fat") that
+BioVLM pairs with the class name in "<modality> of <class>, which has <attribute>". Two sources:
+
+- ``curated(dataset)``: attributes written by this project from domain knowledge and shipped in
+  ``biovlm/resources/curated_attributes.json``, keyed by dataset and label id (never by fuzzy names). The default.
+- ``query(dataset, model, ...)``: asks an OpenAI-compatible chat endpoint (``openai`` package; ``OPENAI_API_KEY``
+  and ``OPENAI_BASE_URL``) for N attributes per class in JSON mode, parses strictly, retries 429/5xx/timeouts with
+  exponential backoff, and stores every accepted answer in a content-addressed cache (one JSON file per request,
+  key = sha256 of model + messages + sampling parameters). A cache hit needs no network and no key.
+
+The API key is never written to the cache, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N = 10
+MAX_CHARS = 120  # an attribute is a short phrase; longer items are rejected as prose
+CURATED_RESOURCE = "curated_attributes.json"
+
+
+class AttributeResponseError(ValueError):
+    """A model answer (or an attribute list) that does not hold N valid attributes. The message says what came
+    back and what was wrong with it."""
+
+
+class AttributeQueryError(RuntimeError):
+    """The endpoint failed: a non-retryable status, or retryable failures beyond the allowed retries."""
+
+
+class MissingAPIKeyError(RuntimeError):
+    """Cache misses without ``OPENAI_API_KEY``: raised once, listing every missing (dataset, class)."""
+
+
+class CacheEntryError(RuntimeError):
+    """A cache file that cannot be read or does not match its key. The message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+
+def _norm(text: str) -> str:
+    """Lower-case words only: used to compare an item with the class name ("The Melanoma." == "melanoma")."""
+    words = re.sub(r"[^0-9a-z]+", " ", text.lower()).split()
+    while words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
+
+
+def clean_attributes(items: Any, class_name: str, n: int) -> list[str]:
+    """Validate a list of attributes: strings, whitespace-collapsed, trailing period dropped, de-duplicated
+    case-insensitively, each 1..MAX_CHARS characters, none merely repeating the class name. Returns the first
+    ``n`` valid items; raises ``AttributeResponseError`` when fewer than ``n`` are valid."""
+    if not isinstance(items, list):
+        raise AttributeResponseError(f"{class_name!r}: 'attributes' must be a list of strings, got "
+                                     f"{type(items).__name__}")
+    kept: list[str] = []
+    seen: set[str] = set()
+    rejected: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            rejected.append(f"non-string {type(item).__name__}")
+            continue
+        text = " ".join(item.split()).rstrip(".").strip()
+        if not text:
+            rejected.append("empty")
+        elif len(text) > MAX_CHARS:
+            rejected.append(f"longer than {MAX_CHARS} chars")
+        elif _norm(text) == _norm(class_name) or not _norm(text):
+            rejected.append(f"{text!r} repeats the class name or has no words")
+        elif text.lower() in seen:
+            rejected.append(f"duplicate {text!r}")
+        else:
+            seen.add(text.lower())
+            kept.append(text)
+    if len(kept) < n:
+        why = "; ".join(rejected[:5]) + (f"; ... ({len(rejected)} rejected)" if len(rejected) > 5 else "")
+        raise AttributeResponseError(f"{class_name!r}: expected {n} valid attributes, got {len(kept)}"
+                                     + (f" (rejected: {why})" if rejected else ""))
+    return kept[:n]
+
+
+def parse_attributes(text: str, class_name: str, n: int) -> list[str]:
+    """Parse a model answer ``{"attributes": [...]}`` into exactly ``n`` attributes (see ``clean_attributes``).
+
+    A single surrounding Markdown code fence is tolerated (some local servers add one even in JSON mode).
+    Raises ``AttributeResponseError`` (a ``ValueError``) on anything else, naming what came back."""
+    shown = repr(text[:300]) + ("..." if len(text) > 300 else "") if isinstance(text, str) else repr(text)
+    if not isinstance(text, str):
+        raise AttributeResponseError(f"{class_name!r}: expected a JSON text, got {type(text).__name__}")
+    body = text.strip()
+    fence = re.fullmatch(r"```[a-zA-Z]*\s*(.*?)\s*```", body, flags=re.S)
+    if fence:
+        body = fence.group(1)
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, absurd nesting
+        raise AttributeResponseError(f"{class_name!r}: answer is not valid JSON ({type(e).__name__}); "
+                                     f"it was {shown}") from None
+    if not isinstance(data, dict) or "attributes" not in data:
+        raise AttributeResponseError(f"{class_name!r}: expected a JSON object with key 'attributes'; "
+                                     f"it was {shown}")
+    try:
+        return clean_attributes(data["attributes"], class_name, n)
+    except AttributeResponseError as e:
+        raise AttributeResponseError(f"{e}; answer was {shown}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- curated
+
+
+def _curated_file() -> dict:
+    return json.loads(resources.files("biovlm").joinpath("resources", CURATED_RESOURCE).read_text("utf-8"))
+
+
+def curated(dataset: str, n: int = DEFAULT_N) -> list[list[str]]:
+    """The shipped curated attributes of ``dataset``, indexed by label id (first ``n`` of each class)."""
+    from biovlm.data import get_dataset
+
+    info = get_dataset(dataset)
+    doc = _curated_file()
+    if dataset not in doc["datasets"]:
+        raise ValueError(f"no curated attributes for {dataset!r}; the file covers {sorted(doc['datasets'])}")
+    by_label = doc["datasets"][dataset]["classes"]
+    out = []
+    for label, name in enumerate(info.prompt_names):
+        if str(label) not in by_label:
+            raise ValueError(f"curated attributes of {dataset!r} miss label {label} ({name!r})")
+        items = by_label[str(label)]["attributes"]
+        if n > len(items):
+            raise ValueError(f"curated attributes hold {len(items)} per class, {n} were asked for "
+                             f"(set llm.n <= {len(items)} or use an LLM source)")
+        out.append(clean_attributes(items, name, n))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- requests
+
+
+def build_messages(modality: str, class_name: str, n: int) -> list[dict[str, str]]:
+    """The chat messages for one class. The word JSON appears, as OpenAI's JSON mode requires."""
+    system = ("You are an expert in medical image analysis. You describe what is visible in images, "
+              "and you answer with a JSON object only.")
+    article = "an" if modality[:1].lower() in "aeiou" else "a"
+    user = (f'List {n} short visual attributes that identify "{class_name}" in {article} {modality}. '
+            f"Each attribute is a short phrase (at most 12 words) about what can be seen in such an image: "
+            f"shape, size, colour or intensity, texture, boundaries, location. Each one must complete the "
+            f'sentence "{modality} of {class_name}, which has ...". Do not repeat the class name, give no '
+            f'explanations. Answer with a JSON object of the form {{"attributes": ["...", "..."]}} '
+            f"holding exactly {n} distinct attributes.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+@dataclass(frozen=True)
+class Request:
+    dataset: str
+    label: int
+    class_name: str
+    n: int
+    body: dict  # exactly what is sent to chat.completions.create (minus the timeout)
+
+    @property
+    def key(self) -> str:
+        canon = json.dumps(self.body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    @property
+    def label_text(self) -> str:
+        return f"{self.dataset}[{self.label}] {self.class_name!r}"
+
+
+def plan(dataset: str, model: str, n: int = DEFAULT_N, temperature: float = 0.0,
+         seed: int | None = 0) -> list[Request]:
+    """One request per class of ``dataset``, in label order."""
+    from biovlm.data import get_dataset
+
+    if not model:
+        raise ValueError("an LLM model name is required to query attributes (llm.model)")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    info = get_dataset(dataset)
+    reqs = []
+    for label, name in enumerate(info.prompt_names):
+        body = {"model": model, "messages": build_messages(info.modality, name, n),
+                "temperature": float(temperature), "response_format": {"type": "json_object"}}
+        if seed is not None:
+            body["seed"] = int(seed)
+        reqs.append(Request(dataset, label, name, n, body))
+    return reqs
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+def cache_path(cache_dir: str | Path, req: Request) -> Path:
+    return Path(cache_dir) / f"{req.key}.json"
+
+
+def read_cache(cache_dir: str | Path, req: Request) -> list[str] | None:
+    """Attributes of ``req`` from the cache, or None on a miss. A damaged entry raises ``CacheEntryError``."""
+    path = cache_path(cache_dir, req)
+    if not path.exists():
+        return None
+    fix = "delete it to query again"
+    try:
+        entry = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise CacheEntryError(f"corrupt attribute cache entry {path}: {type(e).__name__}: {e}; {fix}") from None
+    if not isinstance(entry, dict) or entry.get("request") != req.body or not isinstance(entry.get("content"), str):
+        raise CacheEntryError(f"corrupt attribute cache entry {path}: it does not hold the request of its key "
+                              f"with a text 'content'; {fix}")
+    try:
+        return parse_attributes(entry["content"], req.class_name, req.n)
+    except AttributeResponseError as e:
+        raise CacheEntryError(f"corrupt attribute cache entry {path}: {e}; {fix}") from None
+
+
+def write_cache(cache_dir: str | Path, req: Request, completion: dict, content: str, attributes: list[str]) -> Path:
+    """Store one accepted answer atomically: a temporary file in the same folder, then ``os.replace``."""
+    path = cache_path(cache_dir, req)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {
+        "key": req.key,
+        "dataset": req.dataset, "label": req.label, "class_name": req.class_name,
+        "request": req.body,
+        "model": completion.get("model"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "content": content,
+        "attributes": attributes,
+        "response": completion,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{req.key[:16]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(entry, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- endpoint
+
+
+def _redact(text: str, secrets: list[str | None]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def _complete(client, req: Request, *, max_retries: int, timeout: float, backoff: float) -> tuple[dict, str, list]:
+    """Send one request; retry 429, 5xx, timeouts, connection errors and invalid answers with exponential backoff
+    (``backoff * 2**i`` seconds, at most 60). Returns (completion as dict, content, attributes)."""
+    import openai
+
+    secrets = [getattr(client, "api_key", None), os.environ.get("OPENAI_API_KEY")]
+    attempts = max_retries + 1
+    problem = ""
+    bad_answer: AttributeResponseError | None = None
+    for i in range(attempts):
+        if i:
+            time.sleep(min(backoff * 2 ** (i - 1), 60.0))
+        try:
+            completion = client.chat.completions.create(**req.body, timeout=timeout)
+        except (openai.RateLimitError, openai.InternalServerError) as e:
+            problem, bad_answer = f"HTTP {e.status_code}", None
+        except openai.APITimeoutError:
+            problem, bad_answer = f"timed out after {timeout:g} s", None
+        except openai.APIConnectionError as e:
+            problem, bad_answer = f"connection error ({_redact(str(e), secrets)})", None
+        except openai.APIStatusError as e:
+            raise AttributeQueryError(f"{req.label_text}: the endpoint refused the request with HTTP "
+                                      f"{e.status_code}: {_redact(str(e), secrets)[:500]}") from None
+        else:
+            content = completion.choices[0].message.content if completion.choices else None
+            try:
+                attrs = parse_attributes(content or "", req.class_name, req.n)
+                return completion.model_dump(mode="json"), content, attrs
+            except AttributeResponseError as e:
+                problem, bad_answer = "invalid answer", e
+        log.warning("%s: attempt %d/%d failed: %s", req.label_text, i + 1, attempts, problem)
+    if bad_answer is not None:
+        msg = _redact(str(bad_answer), secrets)
+        raise AttributeResponseError(f"{req.label_text}: no valid answer after {attempts} attempts: {msg}") from None
+    raise AttributeQueryError(f"{req.label_text}: gave up after {attempts} attempts, last failure: {problem}. "
+                              f"Raise llm.max_retries / llm.timeout or check the endpoint (OPENAI_BASE_URL)")
+
+
+def make_client(timeout: float):
+    """An ``openai.OpenAI`` client from OPENAI_API_KEY / OPENAI_BASE_URL, with the client's own retries off."""
+    import openai
+
+    return openai.OpenAI(max_retries=0, timeout=timeout)
+
+
+def query_datasets(datasets: list[str], model: str, n: int = DEFAULT_N, cache_dir: str | Path = "attributes/cache",
+                   *, temperature: float = 0.0, seed: int | None = 0, max_retries: int = 4,
+                   timeout: float = 60.0, backoff: float = 1.0, client=None) -> dict[str, list[list[str]]]:
+    """Attributes of every class of every dataset, from the cache where present and from the endpoint otherwise.
+
+    The cache is read (and checked) for all requests first; misses without ``OPENAI_API_KEY`` (and without an
+    explicit ``client``) raise ``MissingAPIKeyError`` once, listing every missing (dataset, class)."""
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    reqs = [r for ds in datasets for r in plan(ds, model, n, temperature, seed)]
+    found = {r.key: read_cache(cache_dir, r) for r in reqs}
+    misses = [r for r in reqs if found[r.key] is None]
+    if misses and client is None and not os.environ.get("OPENAI_API_KEY"):
+        listing = "\n".join(f"  {r.label_text}" for r in misses)
+        raise MissingAPIKeyError(
+            f"{len(misses)} of {len(reqs)} attribute requests for model {model!r} are not in the cache "
+            f"{cache_dir} and OPENAI_API_KEY is not set. Missing:\n{listing}\n"
+            f"Set OPENAI_API_KEY (and OPENAI_BASE_URL for a non-OpenAI server), or set llm.model to null to use "
+            f"the curated attributes.")
+    if misses:
+        client = client or make_client(timeout)
+        log.info("querying %d of %d attribute requests from %s", len(misses), len(reqs), model)
+    for r in misses:
+        if found[r.key] is None:  # two requests may share a key
+            completion, content, attrs = _complete(client, r, max_retries=max_retries, timeout=timeout,
+                                                   backoff=backoff)
+            write_cache(cache_dir, r, completion, content, attrs)
+            found[r.key] = attrs
+    out: dict[str, list[list[str]]] = {ds: [] for ds in datasets}
+    for r in reqs:
+        out[r.dataset].append(found[r.key])
+    return out
+
+
+def query(dataset: str, model: str, n: int = DEFAULT_N, cache_dir: str | Path = "attributes/cache", *,
+          temperature: float = 0.0, seed: int | None = 0, max_retries: int = 4, timeout: float = 60.0,
+          backoff: float = 1.0, client=None) -> list[list[str]]:
+    """The ``n`` attributes of every class of ``dataset`` (indexed by label id) from ``model``, via the cache."""
+    return query_datasets([dataset], model, n, cache_dir, temperature=temperature, seed=seed,
+                          max_retries=max_retries, timeout=timeout, backoff=backoff, client=client)[dataset]
+
+
+# ---------------------------------------------------------------------------------------------------- records
+
+
+def build_records(datasets: list[str], llm: dict, **kwargs) -> dict[str, dict]:
+    """The per-dataset attribute records the ``attributes`` stage writes, from the ``llm`` config section:
+    ``llm.model`` null or empty selects the curated attributes, anything else live querying through the cache."""
+    from biovlm.data import get_dataset
+
+    model = llm.get("model") or None
+    n = int(llm.get("n", DEFAULT_N))
+    if model is None:
+        attrs = {ds: curated(ds, n) for ds in datasets}
+    else:
+        attrs = query_datasets(datasets, model, n, llm.get("cache_dir", "attributes/cache"),
+                               temperature=float(llm.get("temperature", 0.0)), seed=llm.get("seed", 0),
+                               max_retries=int(llm.get("max_retries", 4)), timeout=float(llm.get("timeout", 60.0)),
+                               backoff=float(llm.get("backoff", 1.0)), **kwargs)
+    return {ds: {"dataset": ds, "source": "llm" if model else "curated", "model": model,
+                 "classes": list(get_dataset(ds).prompt_names), "attributes": attrs[ds]} for ds in datasets}
+
+
+def load_attributes(path: str | Path) -> dict:
+    """Read and check a record written by the ``attributes`` stage."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"attribute file {path} not found; run the 'attributes' stage (dvc repro attributes)")
+    rec = json.loads(path.read_text("utf-8"))
+    attrs, classes = rec.get("attributes"), rec.get("classes")
+    if not isinstance(attrs, list) or not isinstance(classes, list) or len(attrs) != len(classes):
+        raise ValueError(f"{path}: expected 'classes' and one attribute list per class")
+    return rec
