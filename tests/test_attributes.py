@@ -1,0 +1,360 @@
+"""Attributes: strict parsing, curated coverage, and LLM querying against a real local HTTP endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from biovlm import attributes as A
+from biovlm.data import DATASETS
+
+SECRET = "sk-test-SECRET-0123456789abcdef"
+GOOD = [f"visual attribute number {i}" for i in range(10)]
+FAST = dict(max_retries=2, backoff=0.001, timeout=5.0)
+
+
+# ------------------------------------------------------------------------------------------ local endpoint
+
+
+def answer(content: str, model: str = "served-model-1") -> tuple[int, dict]:
+    return 200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": model,
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                              "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def attrs_json(items: list[str]) -> str:
+    return json.dumps({"attributes": items})
+
+
+class Endpoint:
+    """A scripted OpenAI-compatible server. Each script step is (status, body) or ("sleep", s, step);
+    the last step repeats once the script is used up."""
+
+    def __init__(self):
+        self.steps: list = []
+        self.requests: list[dict] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                                          "body": body})
+                step = endpoint.steps[min(len(endpoint.requests), len(endpoint.steps)) - 1]
+                if step[0] == "sleep":
+                    time.sleep(step[1])
+                    step = step[2]
+                status, payload = step
+                if callable(payload):
+                    payload = payload(self)
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
+        self.server.handle_error = lambda *a: None
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def script(self, *steps):
+        self.steps = list(steps)
+        self.requests.clear()
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    ep = Endpoint()
+    monkeypatch.setenv("OPENAI_BASE_URL", ep.url)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    yield ep
+    ep.server.shutdown()
+    ep.server.server_close()
+
+
+def no_secret_anywhere(cache: Path, *texts: str) -> None:
+    for f in cache.rglob("*"):
+        if f.is_file():
+            assert SECRET not in f.read_text(), f
+    for t in texts:
+        assert SECRET not in t
+
+
+# ------------------------------------------------------------------------------------------ endpoint behaviour
+
+
+def test_valid_answer_is_parsed_sent_in_json_mode_and_cached(endpoint, tmp_path, caplog):
+    endpoint.script(answer(attrs_json(GOOD)))
+    got = A.query("breastmnist", "my-model", n=10, cache_dir=tmp_path, temperature=0.3, seed=7, **FAST)
+    assert got == [GOOD, GOOD]
+    assert len(endpoint.requests) == 2
+    req = endpoint.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == f"Bearer {SECRET}"
+    body = req["body"]
+    assert body["model"] == "my-model" and body["temperature"] == 0.3 and body["seed"] == 7
+    assert body["response_format"] == {"type": "json_object"}
+    assert '"malignant"' in body["messages"][1]["content"] and "breast ultrasound" in body["messages"][1]["content"]
+    entries = sorted(tmp_path.glob("*.json"))
+    assert len(entries) == 2
+    entry = json.loads(entries[0].read_text())
+    assert {"request", "response", "content", "attributes", "model", "created"} <= set(entry)
+    assert entry["attributes"] == GOOD and entry["model"] == "served-model-1"
+    assert entries[0].stem == A.Request("", 0, "", 10, entry["request"]).key
+    no_secret_anywhere(tmp_path, caplog.text)
+
+
+def test_retinamnist_prompt_uses_prompt_names(endpoint, tmp_path):
+    endpoint.script(answer(attrs_json(GOOD)))
+    A.query("retinamnist", "m", cache_dir=tmp_path, **FAST)
+    texts = [r["body"]["messages"][1]["content"] for r in endpoint.requests]
+    assert len(texts) == 5
+    assert all(f'"diabetic retinopathy grade {g}"' in t for g, t in enumerate(texts))
+
+
+def test_malformed_json_is_retried_then_accepted(endpoint, tmp_path):
+    endpoint.script(answer('{"attributes": ["unterminated'), answer(attrs_json(GOOD)))
+    assert A.query("pneumoniamnist", "m", cache_dir=tmp_path, **FAST)[0] == GOOD
+    assert len(endpoint.requests) == 3  # 2 for class 0, 1 for class 1
+
+
+def test_malformed_json_every_time_names_what_came_back(endpoint, tmp_path):
+    endpoint.script(answer("Sure! Here are some attributes: dark, round"))
+    with pytest.raises(A.AttributeResponseError, match=r"not valid JSON.*Sure! Here are") as err:
+        A.query("pneumoniamnist", "m", cache_dir=tmp_path, **FAST)
+    assert "pneumoniamnist[0] 'normal'" in str(err.value) and "after 3 attempts" in str(err.value)
+    assert len(endpoint.requests) == 3
+    assert not list(tmp_path.glob("*.json"))  # nothing invalid is cached
+
+
+def test_too_few_items_is_a_clear_error(endpoint, tmp_path):
+    endpoint.script(answer(attrs_json(["dark lungs", "sharp borders", "clear angles"])))
+    with pytest.raises(A.AttributeResponseError, match=r"expected 10 valid attributes, got 3") as err:
+        A.query("pneumoniamnist", "m", cache_dir=tmp_path, **FAST)
+    assert "sharp borders" in str(err.value)
+
+
+def test_duplicates_are_dropped_case_insensitively_and_first_n_kept(endpoint, tmp_path):
+    items = GOOD[:5] + [GOOD[0].upper(), "  " + GOOD[1] + ". "] + GOOD[5:] + ["extra one", "extra two"]
+    endpoint.script(answer(attrs_json(items)))
+    assert A.query("breastmnist", "m", cache_dir=tmp_path, **FAST) == [GOOD, GOOD]
+
+
+def test_duplicates_leaving_too_few_fail(endpoint, tmp_path):
+    endpoint.script(answer(attrs_json(GOOD[:9] + [GOOD[3].title()])))
+    with pytest.raises(A.AttributeResponseError, match=r"got 9 .*duplicate"):
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+
+
+def test_429_then_success(endpoint, tmp_path):
+    endpoint.script((429, {"error": {"message": "rate limited", "type": "rate_limit"}}), answer(attrs_json(GOOD)))
+    assert A.query("breastmnist", "m", cache_dir=tmp_path, **FAST) == [GOOD, GOOD]
+    assert len(endpoint.requests) == 3
+
+
+def test_500_every_time_fails_after_bounded_retries_without_leaking_the_key(endpoint, tmp_path, caplog):
+    def echo_key(handler):  # a careless server that echoes the Authorization header
+        return {"error": {"message": f"boom, you sent {handler.headers['Authorization']}"}}
+
+    endpoint.script((500, echo_key))
+    with pytest.raises(A.AttributeQueryError, match=r"gave up after 3 attempts.*HTTP 500") as err:
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    assert len(endpoint.requests) == 3  # client retries are off: exactly 1 + max_retries
+    no_secret_anywhere(tmp_path, str(err.value), caplog.text)
+
+
+def test_auth_error_is_not_retried_and_key_is_redacted(endpoint, tmp_path):
+    endpoint.script((401, lambda h: {"error": {"message": f"bad key {h.headers['Authorization']}"}}))
+    with pytest.raises(A.AttributeQueryError, match=r"HTTP 401") as err:
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    assert len(endpoint.requests) == 1
+    assert "***" in str(err.value) and SECRET not in str(err.value)
+
+
+def test_slow_answer_times_out_and_is_retried(endpoint, tmp_path):
+    endpoint.script(("sleep", 1.0, answer(attrs_json(GOOD))), answer(attrs_json(GOOD)))
+    got = A.query("pneumoniamnist", "m", cache_dir=tmp_path, max_retries=1, backoff=0.001, timeout=0.3)
+    assert got == [GOOD, GOOD]
+
+
+def test_slow_answer_every_time_fails(endpoint, tmp_path):
+    endpoint.script(("sleep", 0.6, answer(attrs_json(GOOD))))
+    t0 = time.perf_counter()
+    with pytest.raises(A.AttributeQueryError, match=r"timed out after 0.2 s"):
+        A.query("pneumoniamnist", "m", cache_dir=tmp_path, max_retries=1, backoff=0.001, timeout=0.2)
+    assert time.perf_counter() - t0 < 3.0
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+def test_cache_hit_needs_no_key_and_no_network(endpoint, tmp_path, monkeypatch):
+    endpoint.script(answer(attrs_json(GOOD)))
+    first = A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens there
+    endpoint.requests.clear()
+    assert A.query("breastmnist", "m", cache_dir=tmp_path, **FAST) == first
+    assert endpoint.requests == []
+
+
+def test_cache_key_covers_model_messages_and_sampling():
+    base = A.plan("breastmnist", "m", 10, 0.0, 0)[0].key
+    assert base == A.plan("breastmnist", "m", 10, 0.0, 0)[0].key
+    assert len({base, A.plan("breastmnist", "m2", 10, 0.0, 0)[0].key, A.plan("breastmnist", "m", 8, 0.0, 0)[0].key,
+                A.plan("breastmnist", "m", 10, 0.5, 0)[0].key, A.plan("breastmnist", "m", 10, 0.0, 1)[0].key,
+                A.plan("breastmnist", "m", 10, 0.0, 0)[1].key}) == 6
+
+
+def test_misses_without_key_list_every_missing_class_before_querying(endpoint, tmp_path, monkeypatch):
+    endpoint.script(answer(attrs_json(GOOD)))
+    A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)  # breastmnist is cached, the rest is not
+    monkeypatch.delenv("OPENAI_API_KEY")
+    endpoint.requests.clear()
+    with pytest.raises(A.MissingAPIKeyError) as err:
+        A.query_datasets(["breastmnist", "pneumoniamnist", "octmnist"], "m", cache_dir=tmp_path, **FAST)
+    msg = str(err.value)
+    assert "6 of 8" in msg and "OPENAI_API_KEY" in msg
+    for name in ("pneumoniamnist[0] 'normal'", "pneumoniamnist[1] 'pneumonia'", "octmnist[0]", "octmnist[3]"):
+        assert name in msg
+    assert "breastmnist" not in msg
+    assert endpoint.requests == []
+
+
+def test_interrupted_write_leaves_no_entry(endpoint, tmp_path, monkeypatch):
+    class Crash(BaseException):
+        pass
+
+    def crash(src, dst):
+        assert Path(src).read_text().startswith("{")  # the temporary file was fully written
+        raise Crash
+
+    endpoint.script(answer(attrs_json(GOOD)))
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(Crash):
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    # a hard kill leaves at most a stray temporary file, which is never read as an entry
+    req = A.plan("breastmnist", "m")[0]
+    (tmp_path / f".{req.key[:16]}.abc.tmp").write_text('{"request": ')
+    assert A.read_cache(tmp_path, req) is None
+
+
+def test_corrupt_entry_is_named(endpoint, tmp_path, monkeypatch):
+    endpoint.script(answer(attrs_json(GOOD)))
+    A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    path = A.cache_path(tmp_path, A.plan("breastmnist", "m")[1])
+    path.write_text(path.read_text()[:50])
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(A.CacheEntryError, match="corrupt attribute cache entry") as err:
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    assert str(path) in str(err.value)
+    entry = json.loads(A.cache_path(tmp_path, A.plan("breastmnist", "m")[0]).read_text())
+    entry["request"]["model"] = "other"
+    path.write_text(json.dumps(entry))
+    with pytest.raises(A.CacheEntryError, match="does not hold the request of its key"):
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def test_parser_rules():
+    assert A.parse_attributes('```json\n{"attributes": ["a b", "c d"]}\n```', "x", 2) == ["a b", "c d"]
+    assert A.parse_attributes(attrs_json(["  dark   round  cells. ", "b"]), "x", 2) == ["dark round cells", "b"]
+    with pytest.raises(A.AttributeResponseError, match="repeats the class name"):
+        A.parse_attributes(attrs_json(["The Melanoma.", "b"]), "melanoma", 2)
+    with pytest.raises(A.AttributeResponseError, match="longer than 120"):
+        A.parse_attributes(attrs_json(["y" * 121, "b"]), "x", 2)
+    with pytest.raises(A.AttributeResponseError, match="non-string int"):
+        A.parse_attributes(attrs_json(["a", 3]), "x", 2)
+    with pytest.raises(A.AttributeResponseError, match="key 'attributes'"):
+        A.parse_attributes('["a", "b"]', "x", 2)
+    with pytest.raises(A.AttributeResponseError, match="not valid JSON"):
+        A.parse_attributes("1" * 5000, "x", 2)  # int conversion limit: a ValueError that is not JSONDecodeError
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=300), name=st.text(max_size=30), n=st.integers(1, 12))
+def test_parser_never_crashes_on_arbitrary_text(text, name, n):
+    try:
+        out = A.parse_attributes(text, name, n)
+    except A.AttributeResponseError:
+        return
+    assert len(out) == n
+
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4)
+                           | st.dictionaries(st.text(max_size=5), kids, max_size=3), max_leaves=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(st.text(max_size=150) | json_values, max_size=15), name=st.text(max_size=20),
+       n=st.integers(1, 8))
+def test_parser_output_obeys_the_rules_or_raises(items, name, n):
+    try:
+        out = A.parse_attributes(json.dumps({"attributes": items}), name, n)
+    except A.AttributeResponseError:
+        return
+    assert len(out) == n
+    assert len({s.lower() for s in out}) == n
+    for s in out:
+        assert isinstance(s, str) and 0 < len(s) <= A.MAX_CHARS and s == s.strip()
+        assert A._norm(s) != A._norm(name)
+
+
+# ------------------------------------------------------------------------------------------ curated + records
+
+
+def test_curated_covers_every_class_of_all_11_datasets_by_label_id():
+    doc = json.loads((Path(A.__file__).parent / "resources" / A.CURATED_RESOURCE).read_text())
+    assert doc["source"] == "curated" and "Not the output of any language model" in doc["note"]
+    assert list(doc["datasets"]) == list(DATASETS) and len(DATASETS) == 11
+    total = 0
+    for name, info in DATASETS.items():
+        got = A.curated(name)
+        assert len(got) == info.n_classes
+        classes = doc["datasets"][name]["classes"]
+        assert sorted(classes, key=int) == [str(i) for i in range(info.n_classes)]
+        for label, items in enumerate(got):
+            assert classes[str(label)]["label"] == info.classes[label]
+            assert items == classes[str(label)]["attributes"]  # nothing dropped or changed by the parser rules
+            assert A.clean_attributes(items, info.prompt_names[label], 10) == items
+            total += 1
+    assert total == 78
+    assert A.curated("breastmnist", n=3) == [a[:3] for a in A.curated("breastmnist")]
+    with pytest.raises(ValueError, match="hold 10 per class"):
+        A.curated("breastmnist", n=11)
+
+
+def test_build_records_curated_default_and_llm(endpoint, tmp_path):
+    recs = A.build_records(["retinamnist"], {"model": None, "n": 10})
+    rec = recs["retinamnist"]
+    assert rec["source"] == "curated" and rec["model"] is None
+    assert rec["classes"][2] == "diabetic retinopathy grade 2" and rec["attributes"] == A.curated("retinamnist")
+    endpoint.script(answer(attrs_json(GOOD[:4])))
+    llm = {"model": "m", "n": 4, "cache_dir": str(tmp_path), "max_retries": 0, "timeout": 5, "backoff": 0.001}
+    rec = A.build_records(["breastmnist"], llm)["breastmnist"]
+    assert rec == {"dataset": "breastmnist", "source": "llm", "model": "m", "classes": ["malignant", "normal, benign"],
+                   "attributes": [GOOD[:4], GOOD[:4]]}
