@@ -358,3 +358,41 @@ def test_build_records_curated_default_and_llm(endpoint, tmp_path):
     rec = A.build_records(["breastmnist"], llm)["breastmnist"]
     assert rec == {"dataset": "breastmnist", "source": "llm", "model": "m", "classes": ["malignant", "normal, benign"],
                    "attributes": [GOOD[:4], GOOD[:4]]}
+
+
+# ------------------------------------------------------------------------------------------ stage
+
+
+def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None):
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["llm"].update(llm)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    if env_key:
+        env["OPENAI_API_KEY"] = env_key
+    return subprocess.run([sys.executable, str(root / "stages" / "attributes.py"), "--params", "params.yaml",
+                           "--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_stage_writes_curated_records_offline(tmp_path):
+    proc = run_stage(tmp_path, {"model": None})
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.stem for p in (tmp_path / "out").glob("*.json"))
+    assert files == sorted(DATASETS)
+    rec = json.loads((tmp_path / "out" / "breastmnist.json").read_text())
+    assert rec == {"dataset": "breastmnist", "source": "curated", "model": None,
+                   "classes": ["malignant", "normal, benign"], "attributes": A.curated("breastmnist")}
+
+
+def test_stage_without_key_fails_once_with_the_missing_list(tmp_path):
+    proc = run_stage(tmp_path, {"model": "some-model", "cache_dir": str(tmp_path / "cache")})
+    assert proc.returncode != 0
+    assert "attributes stage failed" in proc.stderr and "78 of 78" in proc.stderr
+    assert "organsmnist[10] 'spleen'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,45 @@
+"""DVC stage ``attributes``: write ``data/attributes/<dataset>.json`` for every dataset in params.yaml.
+
+``llm.model: null`` (the default) writes the shipped curated attributes, offline; a model name queries it through
+the committed response cache ``llm.cache_dir`` (OPENAI_API_KEY / OPENAI_BASE_URL needed only on cache misses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from biovlm.attributes import (
+    AttributeQueryError,
+    AttributeResponseError,
+    CacheEntryError,
+    MissingAPIKeyError,
+    build_records,
+)
+from biovlm.config import ATTRIBUTES_DIR, describe_profile, load_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default=str(ATTRIBUTES_DIR))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = load_config(args.params)
+    llm = cfg["llm"]
+    print(f"attributes: {describe_profile(cfg)}; source: {llm['model'] or 'curated'}")
+    try:
+        records = build_records(cfg["datasets"], llm)
+    except (MissingAPIKeyError, AttributeQueryError, AttributeResponseError, CacheEntryError) as e:
+        raise SystemExit(f"attributes stage failed: {e}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for ds, rec in records.items():
+        (out / f"{ds}.json").write_text(json.dumps(rec, indent=2, ensure_ascii=False) + "\n")
+        print(f"  {ds}: {len(rec['attributes'])} classes x {len(rec['attributes'][0])} attributes ({rec['source']})")
+
+
+if __name__ == "__main__":
+    main()
