@@ -1,0 +1,61 @@
+"""Methods: BioVLM and its baselines behind one interface (see ``base.Method``), chosen by name.
+
+``METHOD_NAMES`` is importable without torch (for config validation); ``METHODS``, ``Method`` and
+``NotTransferable`` are loaded on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+METHOD_NAMES = ("zeroshot", "zeroshot_attr", "coop", "cocoop", "kgcoop", "biomedcoop", "clip_adapter",
+                "linear_probe", "biovlm")
+
+
+def _registry() -> dict:
+    from biovlm.methods.biomedcoop import BiomedCoOp
+    from biovlm.methods.biovlm import BioVLM
+    from biovlm.methods.clip_adapter import ClipAdapter
+    from biovlm.methods.cocoop import CoCoOp
+    from biovlm.methods.coop import CoOp
+    from biovlm.methods.kgcoop import KgCoOp
+    from biovlm.methods.linear_probe import LinearProbe
+    from biovlm.methods.zeroshot import ZeroShot
+    from biovlm.methods.zeroshot_attr import ZeroShotAttr
+
+    classes = (ZeroShot, ZeroShotAttr, CoOp, CoCoOp, KgCoOp, BiomedCoOp, ClipAdapter, LinearProbe, BioVLM)
+    return {c.name: c for c in classes}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":
+        return _registry()
+    if name in ("Method", "NotTransferable", "PromptMethod"):
+        from biovlm.methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'biovlm.methods' has no attribute {name!r}")
+
+
+def check_method_name(name: str) -> None:
+    if name not in METHOD_NAMES:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHOD_NAMES)}")
+
+
+def build_method(name: str, backbone, cfg: dict | None, info, attributes: Sequence[Sequence[str]] | None = None,
+                 class_ids: Sequence[int] | None = None):
+    """Build method ``name`` for training on ``class_ids`` (default: every class of ``info``).
+
+    cfg: the full config dict; the method's knobs are ``cfg[name]`` (missing knobs take the method's defaults,
+    unknown ones are an error). attributes: the filtered attributes by label id (all classes of ``info``), or None
+    for methods that do not use them. The method is moved to ``backbone.device``.
+    """
+    check_method_name(name)
+    if attributes is not None and any(isinstance(a, str) or not isinstance(a, Sequence) for a in attributes):
+        raise TypeError("attributes must be a list of attribute lists (one per class id); "
+                        "pass class_ids by keyword")
+    cls = _registry()[name]
+    knobs = (cfg or {}).get(name) or {}
+    ids = list(range(info.n_classes)) if class_ids is None else list(class_ids)
+    return cls(backbone, knobs, info, ids, attributes).to(backbone.device)
