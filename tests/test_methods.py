@@ -1,0 +1,333 @@
+"""Methods: prompt construction, BioVLM's loss terms against an independent computation, gradients into the bank,
+and every method through the same build / fit / predict / checkpoint interface."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from biovlm import prompts
+from biovlm.data import get_dataset
+from biovlm.methods import METHOD_NAMES, NotTransferable, build_method
+from biovlm.methods.losses import entropy_of_mean, kl_distill, text_alignment
+from biovlm.train import fit, predict
+
+INFO = get_dataset("bloodmnist")  # 8 classes
+ATTRS = [[f"{w} granules", f"{w} nucleus", f"{w} membrane"] for w in
+         ("round", "lobed", "pale", "dark", "small", "large", "smooth", "rough")]
+SMALL = {"train": {"epochs": 2, "batch_size": 8, "lr": 0.01}}
+
+
+def synthetic_features(d: int, n_classes: int, shots: int = 4, views: int = 2, seed: int = 0, noise: float = 0.3):
+    """A FeatureSet-shaped object: class prototypes plus noise, L2-normalised."""
+    g = torch.Generator().manual_seed(seed)
+    proto = F.normalize(torch.randn(n_classes, d, generator=g), dim=-1)
+
+    def draw(labels, *extra):
+        x = proto[labels].view(len(labels), *([1] * len(extra)), d)
+        return F.normalize(x + noise * torch.randn(len(labels), *extra, d, generator=g), dim=-1)
+
+    pool = torch.arange(n_classes).repeat_interleave(shots)
+    val = torch.arange(n_classes).repeat(2)
+    test = torch.arange(n_classes).repeat(5)
+    return SimpleNamespace(pool_labels=pool, pool_clean=draw(pool),
+                           pool_views={k: draw(pool, views) for k in ("plain", "weak", "strong")},
+                           val_features=draw(val), val_labels=val, test_features=draw(test), test_labels=test)
+
+
+def fixed_batch(d: int, n_classes: int, b: int = 6, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    views = {k: F.normalize(torch.randn(b, d, generator=g), dim=-1) for k in ("plain", "weak", "strong", "clean")}
+    return {**views, "labels": torch.arange(b) % n_classes}
+
+
+# ---- prompt construction --------------------------------------------------------------------------------------
+def _one_token_words(backbone, candidates, n):
+    words = [w for w in candidates if backbone.tokenize([w])[1].sum().item() == 3]  # start, word, end
+    assert len(words) >= n, f"need {n} single-token words, got {words}"
+    return words[:n]
+
+
+@pytest.mark.parametrize("backbone_name", ["tiny", "tiny-clip"])
+def test_learned_prompt_equals_the_same_text_encoded_directly(backbone_name, tiny_backbone):
+    from biovlm.backbone import load_backbone
+
+    bb = tiny_backbone if backbone_name == "tiny" else load_backbone(backbone_name)
+    coop = build_method("coop", bb, {"coop": {"n_ctx": 4}}, INFO)
+    names = list(INFO.prompt_names)[:3]
+    words = _one_token_words(bb, ["blood", "cell", "image", "of", "the", "with", "a", "and", "cells"], 4)
+    ids, _ = bb.tokenize([" ".join(words)])
+    with torch.no_grad():
+        coop.ctx.copy_(bb.token_embeddings(ids)[0, 1:5][None].float())
+        learned = coop.prompt_features(names)[0]
+    direct = bb.encode_texts([" ".join(words) + f" {n}." for n in names]).float()
+    assert torch.allclose(learned, direct, atol=1e-5)
+    # and the placeholder prompt itself: "X X X X <name>." (positions 1..4)
+    ph_ids, _ = bb.tokenize([prompts.PLACEHOLDER])
+    with torch.no_grad():
+        coop.ctx.copy_(bb.token_embeddings(ph_ids)[0, 1][None, None].float().expand(1, 4, -1))
+        learned = coop.prompt_features(names)[0]
+    direct = bb.encode_texts([prompts.context_prompt(n, 4) for n in names]).float()
+    assert torch.allclose(learned, direct, atol=1e-5)
+
+
+def test_constant_prompt_parts_are_tokenized_once_per_class_list(tiny_backbone, monkeypatch):
+    m = build_method("biovlm", tiny_backbone, {"biovlm": {"bank_size": 3}}, INFO, attributes=ATTRS)
+    calls = []
+    real = tiny_backbone.tokenize
+    monkeypatch.setattr(tiny_backbone, "tokenize", lambda texts: calls.append(list(texts)) or real(texts))
+    a, b = list(INFO.prompt_names)[:4], list(INFO.prompt_names)[4:]
+    for _ in range(3):
+        m.prompt_features(a)
+        m.prompt_features(b)
+    assert len([c for c in calls if len(c) > 1]) == 2  # one batched tokenization per class list
+    assert m.prompt_features(a).shape == (3, 4, tiny_backbone.embed_dim)
+
+
+def test_attribute_texts_are_encoded_once(tiny_backbone, monkeypatch):
+    m = build_method("biovlm", tiny_backbone, {"biovlm": {"bank_size": 2}}, INFO, attributes=ATTRS)
+    calls = []
+    real = tiny_backbone.encode_texts
+    monkeypatch.setattr(tiny_backbone, "encode_texts", lambda t, **k: calls.append(len(t)) or real(t, **k))
+    batch = fixed_batch(tiny_backbone.embed_dim, INFO.n_classes)
+    for _ in range(3):
+        m.loss(batch)
+    assert calls == [len(ATTRS) * 3]
+
+
+def test_ctx_init_phrase_must_match_n_ctx(tiny_backbone):
+    words = _one_token_words(tiny_backbone, ["blood", "cell", "image", "of", "the", "with", "a"], 3)
+    phrase = " ".join(words)
+    m = build_method("coop", tiny_backbone, {"coop": {"n_ctx": 3, "ctx_init": phrase}}, INFO)
+    ids, _ = tiny_backbone.tokenize([phrase])
+    assert torch.allclose(m.ctx[0], tiny_backbone.token_embeddings(ids)[0, 1:4].float())
+    bank = build_method("biovlm", tiny_backbone, {"biovlm": {"n_ctx": 3, "ctx_init": phrase, "bank_size": 3}},
+                        INFO, attributes=ATTRS)
+    assert torch.equal(bank.ctx[0], m.ctx[0]) and not torch.equal(bank.ctx[1], bank.ctx[0])
+    with pytest.raises(ValueError, match="has 3 tokens but n_ctx is 4"):
+        build_method("coop", tiny_backbone, {"coop": {"n_ctx": 4, "ctx_init": phrase}}, INFO)
+
+
+# ---- loss functions on fixed tensors ---------------------------------------------------------------------------
+def test_entropy_of_mean_matches_definition():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], [[5.0, 5.0, 5.0], [9.0, 0.0, 0.0]]])
+    expected = 0.0
+    for b in range(2):
+        p = [(math.exp(logits[b, 0, c]) / sum(math.exp(u) for u in logits[b, 0].tolist())
+              + math.exp(logits[b, 1, c]) / sum(math.exp(u) for u in logits[b, 1].tolist())) / 2 for c in range(3)]
+        expected += -sum(q * math.log(q) for q in p) / 2
+    assert entropy_of_mean(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_kl_distill_matches_definition(tau):
+    s = torch.tensor([[1.0, 0.0, -1.0, 0.5], [0.0, 2.0, 0.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0, 0.0, 0.0], [3.0, 0.0, 1.0, -2.0]])
+    total = 0.0
+    for b in range(2):
+        ps = torch.softmax(s[b] / tau, 0).tolist()
+        pt = torch.softmax(t[b] / tau, 0).tolist()
+        total += sum(q * (math.log(q) - math.log(r)) for q, r in zip(pt, ps, strict=True))
+    total *= tau**2
+    assert kl_distill(s, t, tau).item() == pytest.approx(total / 2, rel=1e-5)
+    assert kl_distill(s, t, tau, "reference", n_members=5).item() == pytest.approx(total / (2 * 5 * 4), rel=1e-5)
+    with pytest.raises(ValueError, match="kl_reduction"):
+        kl_distill(s, t, tau, "sum")
+
+
+def test_text_alignment_is_cosine_over_the_feature_axis():
+    a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    b = torch.tensor([[1.0, 1.0, 0.0], [0.0, -3.0, 0.0]])
+    assert text_alignment(a, b).item() == pytest.approx(1 - (math.sqrt(0.5) - 1) / 2, rel=1e-6)
+
+
+# ---- BioVLM: each term against an independent computation ------------------------------------------------------
+def _keep(rows: list[list[float]], ratio: float) -> list[int]:
+    """Indices of the ceil(ratio * M) lowest-entropy rows (ties: lower index first), computed in plain Python."""
+    def entropy(row):
+        z = [math.exp(v - max(row)) for v in row]
+        p = [v / sum(z) for v in z]
+        return -sum(q * math.log(q) for q in p if q > 0)
+
+    k = max(1, math.ceil(ratio * len(rows) - 1e-9))
+    return sorted(range(len(rows)), key=lambda m: (entropy(rows[m]), m))[:k]
+
+
+def test_biovlm_terms_equal_an_independent_computation(tiny_backbone):
+    knobs = {"bank_size": 4, "select_ratio": 0.5, "teacher_ratio": 0.34, "tau": 2.0,
+             "l_ent": 0.3, "l_kd": 0.7, "l_aug": 1.1, "l_cos": 0.9}
+    m = build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
+    with torch.no_grad():  # a visibly different bank than the tiny tower's collapsed defaults
+        m.ctx.mul_(50)
+    batch = fixed_batch(tiny_backbone.embed_dim, INFO.n_classes)
+    terms, _ = m.loss_terms(batch)
+    total, stats = m.loss(batch)
+
+    scale = tiny_backbone.logit_scale
+    names = list(INFO.prompt_names)
+    text = m.prompt_features(names).detach()  # [M, C, D] (its construction is tested above)
+    attr = [tiny_backbone.encode_texts([prompts.attribute_text(INFO, n, a) for a in attrs]).float()
+            for n, attrs in zip(names, ATTRS, strict=True)]  # per class [J, D]
+    ce = ent = kd = aug = 0.0
+    b_size = batch["labels"].numel()
+    for b in range(b_size):
+        f = batch["plain"][b]
+        members = [(scale * text[j] @ f).tolist() for j in range(4)]
+        kept = _keep(members, 0.5)
+        routed = torch.tensor(members)[kept].mean(0)
+        ce += -torch.log_softmax(routed, 0)[batch["labels"][b]].item() / b_size
+        p = torch.stack([torch.softmax(torch.tensor(members[i]), 0) for i in kept]).mean(0)
+        ent += -(p * p.log()).sum().item() / b_size
+
+        def teacher(views):
+            rows = [(scale * torch.stack([a[j] for a in attr]) @ v).tolist() for v in views for j in range(3)]
+            return torch.tensor(rows)[_keep(rows, 0.34)].mean(0)
+
+        for t, acc in ((teacher([f]), "kd"), (teacher([batch["weak"][b], batch["strong"][b]]), "aug")):
+            pt, ps = torch.softmax(t / 2, 0), torch.softmax(routed / 2, 0)
+            value = 4 * (pt * (pt.log() - ps.log())).sum().item() / b_size
+            if acc == "kd":
+                kd += value
+            else:
+                aug += value
+    mean_attr = torch.stack([F.normalize(a, dim=-1).mean(0) for a in attr])
+    cos = 1 - F.cosine_similarity(text.mean(0), mean_attr, dim=-1).mean().item()
+
+    expected = {"ce": ce, "ent": ent, "kd": kd, "aug": aug, "cos": cos}
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        assert terms[name].item() == pytest.approx(value, rel=1e-4, abs=1e-6), name
+        assert stats[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    weighted = ce + 0.3 * ent + 0.7 * kd + 1.1 * aug + 0.9 * cos
+    assert total.item() == pytest.approx(weighted, rel=1e-5)
+    assert stats["loss"] == pytest.approx(weighted, rel=1e-5)
+
+
+@pytest.mark.parametrize("off", ["l_ent", "l_kd", "l_aug", "l_cos"])
+def test_a_zero_weight_removes_its_term(off, tiny_backbone):
+    knobs = {"bank_size": 3, "l_ent": 0.5, "l_kd": 0.5, "l_aug": 0.5, "l_cos": 0.5}
+    batch = fixed_batch(tiny_backbone.embed_dim, INFO.n_classes)
+    full = build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
+    less = build_method("biovlm", tiny_backbone, {"biovlm": {**knobs, off: 0}}, INFO, attributes=ATTRS)
+    _, s_full = full.loss(batch)
+    total, s_less = less.loss(batch)
+    term = {"l_ent": "ent", "l_kd": "kd", "l_aug": "aug", "l_cos": "cos"}[off]
+    assert term in s_full and term not in s_less
+    assert total.item() == pytest.approx(s_full["loss"] - 0.5 * s_full[term], rel=1e-5)
+
+
+def test_without_teacher_or_cosine_no_attribute_is_needed(tiny_backbone, monkeypatch):
+    knobs = {"biovlm": {"bank_size": 2, "l_kd": 0, "l_aug": 0, "l_cos": 0}}
+    m = build_method("biovlm", tiny_backbone, knobs, INFO, attributes=None)
+    monkeypatch.setattr(tiny_backbone, "encode_texts", lambda *a, **k: pytest.fail("no constant text needed"))
+    _, stats = m.loss(fixed_batch(tiny_backbone.embed_dim, INFO.n_classes))
+    assert set(stats) == {"loss", "ce", "ent", "acc"}
+    with pytest.raises(ValueError, match="needs the filtered attributes"):
+        build_method("biovlm", tiny_backbone, {"biovlm": {"l_cos": 0.1}}, INFO, attributes=None)
+
+
+@pytest.mark.parametrize("term", ["ce", "ent", "kd", "aug", "cos"])
+def test_gradient_reaches_the_bank_through_each_term(term, tiny_backbone):
+    m = build_method("biovlm", tiny_backbone, {"biovlm": {"bank_size": 4}}, INFO, attributes=ATTRS)
+    terms, _ = m.loss_terms(fixed_batch(tiny_backbone.embed_dim, INFO.n_classes))
+    (grad,) = torch.autograd.grad(terms[term], m.ctx)
+    assert torch.isfinite(grad).all()
+    assert grad.abs().sum().item() > 0
+    # routing keeps 2 of 4 members per image; the members that are never kept get no gradient from ce/ent/kd/aug
+    # but every member gets one from the cosine term (the mean over the whole bank)
+    if term == "cos":
+        assert (grad.flatten(1).abs().sum(1) > 0).all()
+
+
+# ---- every method through the same interface ------------------------------------------------------------------
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_every_method_trains_predicts_and_round_trips(name, tiny_backbone):
+    d = tiny_backbone.embed_dim
+    feats = synthetic_features(d, INFO.n_classes)
+    base = [0, 1, 2, 3]
+    cfg = {**SMALL, "biovlm": {"bank_size": 3}}
+    m = build_method(name, tiny_backbone, cfg, INFO, attributes=ATTRS, class_ids=base)
+    positions = [i for i, y in enumerate(feats.pool_labels.tolist()) if y in base]
+    history = fit(m, feats, positions, cfg, seed=0)
+    assert len(history["epochs"]) == (2 if m.trainable else 0)
+    for record in history["epochs"]:
+        assert {"loss", "acc", "lr", "val_acc"} <= set(record) and math.isfinite(record["loss"])
+
+    base_names = [INFO.prompt_names[i] for i in base]
+    base_attrs = [ATTRS[i] for i in base]
+    probs = predict(m, feats.test_features, base_names, INFO, base_attrs, batch_size=7)
+    assert probs.shape == (len(feats.test_labels), 4)
+    assert torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-5)
+
+    state = m.checkpoint()
+    assert state["meta"]["method"] == name and state["meta"]["class_ids"] == base
+    assert sum(t.numel() for t in state["tensors"].values()) < 100_000  # learned tensors only, no tower
+    again = build_method(name, tiny_backbone, cfg, INFO, attributes=ATTRS, class_ids=base)
+    again.load_checkpoint(state)
+    assert torch.allclose(predict(again, feats.test_features, base_names, INFO, base_attrs), probs, atol=1e-6)
+
+    novel = [INFO.prompt_names[i] for i in range(4, 8)]
+    other = get_dataset("pathmnist")
+    if name == "linear_probe":
+        with pytest.raises(NotTransferable, match="cannot classify unseen classes"):
+            predict(m, feats.test_features, novel, INFO, [ATTRS[i] for i in range(4, 8)])
+        return
+    probs = predict(m, feats.test_features, novel, INFO, [ATTRS[i] for i in range(4, 8)])
+    assert probs.shape == (len(feats.test_labels), 4)
+    other_attrs = [["dense texture", "pale texture"] for _ in other.prompt_names]
+    probs = predict(m, feats.test_features, list(other.prompt_names), other, other_attrs)
+    assert probs.shape == (len(feats.test_labels), other.n_classes)
+    assert torch.isfinite(probs).all()
+
+
+def test_linear_probe_fits_separable_features_and_serves_a_subset(tiny_backbone):
+    feats = synthetic_features(tiny_backbone.embed_dim, INFO.n_classes, shots=8, noise=0.1)
+    m = build_method("linear_probe", tiny_backbone, {}, INFO)
+    fit(m, feats, range(len(feats.pool_labels)), {}, seed=0)
+    acc = (predict(m, feats.test_features, list(INFO.prompt_names), INFO).argmax(1) == feats.test_labels)
+    assert acc.float().mean().item() > 0.9
+    sub = [INFO.prompt_names[5], INFO.prompt_names[2]]
+    full = m.logits(feats.test_features, list(INFO.prompt_names), INFO)
+    assert torch.allclose(m.logits(feats.test_features, sub, INFO), full[:, [5, 2]])
+
+
+def test_method_errors_are_clear(tiny_backbone):
+    with pytest.raises(ValueError, match="unknown method 'coopp'; valid methods: zeroshot, "):
+        build_method("coopp", tiny_backbone, {}, INFO)
+    for bad in (0, 0.0, 1.5, -1):
+        with pytest.raises(ValueError, match=r"biovlm.select_ratio must be in \(0, 1\]"):
+            build_method("biovlm", tiny_backbone, {"biovlm": {"select_ratio": bad}}, INFO, attributes=ATTRS)
+    with pytest.raises(ValueError, match=r"biovlm.teacher_ratio must be in \(0, 1\]"):
+        build_method("biovlm", tiny_backbone, {"biovlm": {"teacher_ratio": 2}}, INFO, attributes=ATTRS)
+    with pytest.raises(ValueError, match=r"unknown knob\(s\) \['bank'\] for method 'biovlm'; valid knobs: "):
+        build_method("biovlm", tiny_backbone, {"biovlm": {"bank": 3}}, INFO, attributes=ATTRS)
+    with pytest.raises(ValueError, match="biovlm.bank_size must be a positive integer"):
+        build_method("biovlm", tiny_backbone, {"biovlm": {"bank_size": 0}}, INFO, attributes=ATTRS)
+    with pytest.raises(ValueError, match="biovlm.l_kd must be a number >= 0"):
+        build_method("biovlm", tiny_backbone, {"biovlm": {"l_kd": -1}}, INFO, attributes=ATTRS)
+    with pytest.raises(ValueError, match="kl_reduction must be one of"):
+        build_method("biovlm", tiny_backbone, {"biovlm": {"kl_reduction": "mean"}}, INFO, attributes=ATTRS)
+    with pytest.raises(ValueError, match="needs the filtered attributes"):
+        build_method("biomedcoop", tiny_backbone, {}, INFO)
+    with pytest.raises(TypeError, match="pass class_ids by keyword"):
+        build_method("coop", tiny_backbone, {}, INFO, [0, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        build_method("coop", tiny_backbone, {}, INFO, class_ids=[0, 8])
+    m = build_method("zeroshot_attr", tiny_backbone, {}, INFO)
+    with pytest.raises(ValueError, match="needs the attributes"):
+        m.logits(torch.zeros(1, tiny_backbone.embed_dim), ["a", "b"], INFO)
+    coop = build_method("coop", tiny_backbone, {}, INFO)
+    with pytest.raises(ValueError, match="checkpoint is for method 'coop', not 'kgcoop'"):
+        build_method("kgcoop", tiny_backbone, {}, INFO).load_checkpoint(coop.checkpoint())
+
+
+def test_biomedcoop_prunes_outlier_attributes():
+    from biovlm.methods.biomedcoop import robust_keep
+
+    scores = torch.tensor([10.0, 10.2, 9.9, 10.1, 25.0, 10.05, -3.0])
+    assert robust_keep(scores, 1.5).tolist() == [True, True, True, True, False, True, False]
+    assert robust_keep(torch.full((4,), 3.0), 1.5).all()  # MAD 0: nothing to prune
