@@ -198,6 +198,13 @@ class Method(nn.Module):
         pass
 
 
+def cosine_logits(scale: float, image_features: torch.Tensor, text: torch.Tensor,
+                  pattern: str = "bd,cd->bc") -> torch.Tensor:
+    """scale * f . t in float32 even under bf16 autocast (bf16 logits of size ~30 would be quantised to ~0.1)."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        return scale * torch.einsum(pattern, image_features.float(), text.float())
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(dim=-1) == labels).float().mean().item()
 
@@ -292,4 +299,4 @@ class PromptMethod(Method):
         return self.prompt_features(class_names)
 
     def head_logits(self, head: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        return self.scale * image_features.float() @ head[0].t()
+        return cosine_logits(self.scale, image_features, head[0])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from biovlm.methods.base import PromptMethod, accuracy, check_non_negative
+from biovlm.methods.base import PromptMethod, accuracy, check_non_negative, cosine_logits
 from biovlm.methods.losses import KL_REDUCTIONS, kl_distill
 
 
@@ -57,7 +57,7 @@ class BiomedCoOp(PromptMethod):
             return
         classifiers, _ = self.attribute_features(self.class_names, self.info, self.attributes)  # [J, C, D]
         with torch.no_grad():
-            logits = self.scale * torch.einsum("nd,jcd->jnc", features.float().to(self.device), classifiers)
+            logits = cosine_logits(self.scale, features.to(self.device), classifiers, "nd,jcd->jnc")
             scores = logits.max(dim=-1).values.mean(dim=-1)  # [J]
             keep = robust_keep(scores, self.knobs["prune_z"])
         self.kept_attributes = keep.nonzero().flatten().tolist()
@@ -80,7 +80,7 @@ class BiomedCoOp(PromptMethod):
         if self.knobs["kdsp_lambda"] > 0:
             if self._teacher is None:
                 raise RuntimeError("biomedcoop: setup() was not called (train with biovlm.train.fit)")
-            teacher = self.scale * f.float() @ self._teacher.t()
+            teacher = cosine_logits(self.scale, f, self._teacher)
             kdsp = kl_distill(logits, teacher, self.knobs["tau"], self.knobs["kl_reduction"])
             total = total + self.knobs["kdsp_lambda"] * kdsp
             terms["kdsp"] = kdsp.item()

@@ -43,14 +43,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from biovlm.methods.base import PromptMethod, accuracy, check_non_negative, check_positive_int, check_ratio
+from biovlm.methods.base import (
+    PromptMethod,
+    accuracy,
+    check_non_negative,
+    check_positive_int,
+    check_ratio,
+    cosine_logits,
+)
 from biovlm.methods.losses import KL_REDUCTIONS, entropy_of_mean, kl_distill, text_alignment
 from biovlm.routing import kept_logits, route, route_members
 
 
 def bank_logits(scale: float, image_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """[B, D] image features and [M, C, D] text features -> [B, M, C] member logits."""
-    return scale * torch.einsum("bd,mcd->bmc", image_features.float(), text.float())
+    return cosine_logits(scale, image_features, text, "bd,mcd->bmc")
 
 
 class BioVLM(PromptMethod):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biovlm.methods.base import Method, accuracy, check_positive_int, check_ratio
+from biovlm.methods.base import Method, accuracy, check_positive_int, check_ratio, cosine_logits
 
 
 class ClipAdapter(Method):
@@ -44,7 +44,7 @@ class ClipAdapter(Method):
         return self.template_features(class_names, info)
 
     def head_logits(self, head: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.adapt(image_features) @ head.t()
+        return cosine_logits(self.scale, self.adapt(image_features), head)
 
     def loss(self, batch):
         logits = self.head_logits(self.template_features(self.class_names, self.info), batch["plain"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biovlm.methods.base import PromptMethod, accuracy
+from biovlm.methods.base import PromptMethod, accuracy, cosine_logits
 
 
 class CoCoOp(PromptMethod):
@@ -44,7 +44,7 @@ class CoCoOp(PromptMethod):
         f = image_features.float()
         ctx = self.ctx[0][None] + self.meta_net(f)[:, None, :]  # [B, n_ctx, W]
         text = self.tokens.encode(ctx, head)  # [B, C, D]
-        return self.scale * torch.einsum("bd,bcd->bc", f, text.to(f.dtype))
+        return cosine_logits(self.scale, f, text, "bd,bcd->bc")
 
     def loss(self, batch):
         logits = self.head_logits(self.class_names, batch["plain"])

@@ -62,4 +62,5 @@ class LinearProbe(Method):
         return torch.tensor([self.class_names.index(n) for n in class_names], device=self.device)
 
     def head_logits(self, head: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        return image_features.float() @ self.weight[head].t() + self.bias[head]
+        with torch.autocast(image_features.device.type, enabled=False):
+            return image_features.float() @ self.weight[head].t() + self.bias[head]

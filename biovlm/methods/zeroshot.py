@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from biovlm.methods.base import Method
+from biovlm.methods.base import Method, cosine_logits
 
 
 class ZeroShot(Method):
@@ -16,4 +16,4 @@ class ZeroShot(Method):
         return self.template_features(class_names, info)
 
     def head_logits(self, head: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        return self.scale * image_features.float() @ head.t()
+        return cosine_logits(self.scale, image_features, head)

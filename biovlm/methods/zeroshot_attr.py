@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from biovlm.methods.base import Method
+from biovlm.methods.base import Method, cosine_logits
 
 
 class ZeroShotAttr(Method):
@@ -19,4 +19,4 @@ class ZeroShotAttr(Method):
         return self.attribute_features(class_names, info, attributes)[1]
 
     def head_logits(self, head: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        return self.scale * image_features.float() @ head.t()
+        return cosine_logits(self.scale, image_features, head)
