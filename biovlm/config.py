@@ -1,0 +1,405 @@
+"""``params.yaml`` -> one validated config dict: the profile overlay merged, every knob checked before work starts.
+
+``params.yaml`` holds the paper configuration at its top level and named overlays under ``profiles``;
+``profile: demo`` applies ``profiles.demo`` over the top level (dicts merge key by key, lists and scalars are
+replaced). An overlay changes values only: it may not change ``datasets`` or ``methods``, because ``dvc.yaml``
+expands its ``foreach`` stages from the top-level lists, and it may not add keys the top level lacks (a typo
+would otherwise be ignored silently).
+
+Every stage calls :func:`load_config` first, so a bad value (unknown dataset, method, setting or backbone name,
+``select_ratio`` outside (0, 1], shots the data cannot provide, ...) fails in seconds with a message naming the
+key and the fix, never deep inside training. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SETTINGS = ("fewshot", "base2new", "crossdata")
+METHODS = ("zeroshot", "zeroshot_attr", "coop", "cocoop", "kgcoop", "biomedcoop", "clip_adapter", "linear_probe",
+           "biovlm")
+# Backbones by name (biovlm.backbone); any "<open_clip architecture>/<pretrained tag>" works too.
+BACKBONES = ("biomedclip", "biomedclip-random", "tiny", "tiny-pretrained", "tiny-clip")
+PROFILE_FIXED = ("datasets", "methods")  # read by dvc.yaml's foreach, so a profile cannot change them
+KL_REDUCTIONS = ("batchmean", "reference")
+
+# Where the stages read and write (relative to the repository root; dvc.yaml names the same paths).
+ATTRIBUTES_DIR = Path("data/attributes")
+FILTERED_DIR = Path("data/filtered")
+FEATURES_DIR = Path("features")
+CHECKPOINTS_DIR = Path("checkpoints")
+RESULTS_DIR = Path("results")
+METRICS_DIR = Path("metrics")
+REPORT_DIR = Path("report")
+
+
+class ConfigError(ValueError):
+    """A value in params.yaml (or an override) that the pipeline cannot run with."""
+
+
+# ----------------------------------------------------------------------------------------------- value rules
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _nonneg_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pos(v: Any) -> bool:
+    return _num(v) and v > 0
+
+
+def _nonneg(v: Any) -> bool:
+    return _num(v) and v >= 0
+
+
+def _ratio(v: Any) -> bool:
+    return _num(v) and 0 < v <= 1
+
+
+def _str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _choice(*options: Any):
+    def rule(v: Any) -> bool:
+        return v in options
+
+    rule.__doc__ = f"one of {', '.join(map(str, options))}"
+    return rule
+
+
+_EXPECT = {_pos_int: "a positive integer", _nonneg_int: "an integer >= 0", _int: "an integer", _num: "a number",
+           _pos: "a number > 0", _nonneg: "a number >= 0", _ratio: "a number in (0, 1]", _str: "a string (may be '')"}
+
+# Knobs of each method (their names and defaults live in biovlm/methods/*.py DEFAULTS; tests/test_config.py
+# checks that these lists agree, so a knob added there without a rule here fails CI, not a user's run).
+METHOD_KNOBS: dict[str, dict[str, Any]] = {
+    "zeroshot": {},
+    "zeroshot_attr": {},
+    "coop": {"n_ctx": _pos_int, "ctx_init": _str},
+    "cocoop": {"n_ctx": _pos_int, "ctx_init": _str, "meta_reduction": _pos_int},
+    "kgcoop": {"n_ctx": _pos_int, "ctx_init": _str, "weight": _nonneg},
+    "biomedcoop": {"n_ctx": _pos_int, "ctx_init": _str, "sccm_lambda": _nonneg, "kdsp_lambda": _nonneg,
+                   "prune_z": _pos, "tau": _pos, "kl_reduction": _choice(*KL_REDUCTIONS)},
+    "clip_adapter": {"alpha": _ratio, "reduction": _pos_int},
+    "linear_probe": {"C": _pos, "max_iter": _pos_int},
+    "biovlm": {"bank_size": _pos_int, "n_ctx": _pos_int, "ctx_init": _str, "select_ratio": _ratio,
+               "teacher_ratio": _ratio, "tau": _pos, "l_ent": _nonneg, "l_kd": _nonneg, "l_aug": _nonneg,
+               "l_cos": _nonneg, "kl_reduction": _choice(*KL_REDUCTIONS)},
+}
+
+_SECTION_RULES: dict[str, dict[str, Any]] = {
+    "data": {"root": _str, "size": _choice(28, 64, 128, 224), "synthetic": lambda v: isinstance(v, bool),
+             "synthetic_n": None, "synthetic_seed": _int},
+    "backbone": {"name": _str, "device": _str, "cache_dir": lambda v: v is None or isinstance(v, str)},
+    "features": {"views": _pos_int, "batch_size": _pos_int, "seed": _int},
+    "fewshot": {"shots": None},
+    "base2new": {"shots": _pos_int},
+    "crossdata": {"sources": None, "shots": _pos_int},
+    "llm": {"model": lambda v: v is None or isinstance(v, str), "n": _pos_int, "temperature": _nonneg,
+            "seed": lambda v: v is None or _int(v), "max_retries": _nonneg_int, "timeout": _pos, "backoff": _nonneg,
+            "cache_dir": _str},
+    "filter": {"keep": _pos_int},
+    "train": {"epochs": _pos_int, "lr": _pos, "momentum": lambda v: _num(v) and 0 <= v < 1,
+              "weight_decay": _nonneg, "warmup_epochs": _nonneg_int, "warmup_lr": _nonneg,
+              "batch_size": _pos_int, "eval_batch_size": _pos_int},
+}
+_EXPECT_CUSTOM = {"data.size": "one of 28, 64, 128, 224", "data.synthetic": "true or false",
+                  "backbone.cache_dir": "null or a folder", "llm.model": "null (curated attributes) or a model name",
+                  "llm.seed": "null or an integer", "train.momentum": "a number in [0, 1)"}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    """``set_dotted(cfg, "biovlm.select_ratio", 1.0)``: what ``dvc exp run -S biovlm.select_ratio=1.0`` does."""
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"override {key}={value!r}: {'.'.join(parts[:i + 1])} is not a section of params.yaml")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"override {key}={value!r}: params.yaml has no key {key}; "
+                          f"valid keys here: {', '.join(sorted(node))}")
+    node[parts[-1]] = value
+
+
+def _overlay(base: dict, over: Mapping, where: str, touched: list[str]) -> None:
+    for key, value in over.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in base:
+            raise ConfigError(f"profile key {path} does not exist in params.yaml (a profile may only change "
+                              f"existing values); valid keys here: {', '.join(sorted(map(str, base)))}")
+        if isinstance(base[key], dict) and isinstance(value, Mapping):
+            _overlay(base[key], value, path, touched)
+        else:
+            base[key] = copy.deepcopy(value)
+            touched.append(path)
+
+
+def resolve(raw: Mapping, overrides: Mapping[str, Any] | None = None) -> dict:
+    """Merge the selected profile into the top level and apply ``overrides`` (dotted keys) last.
+
+    ``overrides`` win over the profile (``profile`` and ``profiles.*`` overrides are applied before the overlay,
+    so ``{"profile": "demo"}`` selects the demo). The result holds ``_profile`` and ``_from_profile`` (the dotted
+    keys the profile set) for messages; the other keys are params.yaml's.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError("params.yaml must be a mapping of sections")
+    cfg = copy.deepcopy(dict(raw))
+    overrides = dict(overrides or {})
+    early = {k: v for k, v in overrides.items() if k == "profile" or k.startswith("profiles.")}
+    for key, value in early.items():
+        set_dotted(cfg, key, value)
+    profiles = cfg.pop("profiles", None) or {}
+    profile = cfg.get("profile", "paper")
+    if not isinstance(profiles, Mapping):
+        raise ConfigError("profiles must be a mapping: {<name>: {<section>: {<key>: value}}}")
+    valid = sorted({"paper", *profiles})
+    if profile not in valid:
+        raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(valid)} "
+                          f"(add one under 'profiles:' in params.yaml)")
+    overlay = profiles.get(profile) or {}
+    if not isinstance(overlay, Mapping):
+        raise ConfigError(f"profiles.{profile} must be a mapping of sections")
+    fixed = [k for k in PROFILE_FIXED if k in overlay]
+    if fixed:
+        raise ConfigError(f"profiles.{profile} sets {', '.join(fixed)}: dvc.yaml builds one stage per entry of "
+                          f"the top-level lists, so a profile may not change them. Edit the top-level "
+                          f"{fixed[0]} instead (e.g. dvc exp run -S '{fixed[0]}=[...]').")
+    touched: list[str] = []
+    _overlay(cfg, overlay, "", touched)
+    for key, value in overrides.items():
+        if key not in early:
+            set_dotted(cfg, key, value)
+            if key in touched:
+                touched.remove(key)
+    cfg["_profile"] = profile
+    cfg["_from_profile"] = touched
+    return cfg
+
+
+def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> dict:
+    """Read ``params.yaml``, merge the selected profile, apply ``overrides`` and validate everything."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run from the repository root (where params.yaml lives)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    cfg = resolve(raw or {}, overrides)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _where(cfg: Mapping, key: str) -> str:
+    """How to change ``key``: through the profile overlay if the profile set it, else at the top level."""
+    if key in cfg.get("_from_profile", ()):
+        return f"profiles.{cfg['_profile']}.{key} (profile {cfg['_profile']!r} sets it)"
+    return key
+
+
+def _fail(cfg: Mapping, key: str, value: Any, expected: str, hint: str = "") -> None:
+    msg = f"params.yaml: {_where(cfg, key)} must be {expected}, got {value!r}"
+    raise ConfigError(msg + (f"; {hint}" if hint else ""))
+
+
+def _check_section(cfg: dict, section: str, rules: Mapping[str, Any], required: bool = True) -> None:
+    values = cfg.get(section)
+    if values is None and not required:
+        return
+    if not isinstance(values, dict):
+        raise ConfigError(f"params.yaml: section {section!r} is missing or not a mapping")
+    unknown = sorted(set(values) - set(rules))
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                          f"valid keys of {section}: {', '.join(sorted(rules)) or '(none)'}")
+    for key, rule in rules.items():
+        if rule is None or key not in values:
+            continue
+        if not rule(values[key]):
+            dotted = f"{section}.{key}"
+            expected = _EXPECT_CUSTOM.get(dotted) or _EXPECT.get(rule) or (rule.__doc__ or "valid")
+            _fail(cfg, dotted, values[key], expected)
+
+
+def _check_names(cfg: dict, key: str, valid: tuple[str, ...] | list[str], what: str) -> list[str]:
+    names = cfg.get(key)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        _fail(cfg, key, names, f"a non-empty list of {what} names", f"valid names: {', '.join(valid)}")
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        why = " (multi-label: not part of this single-label benchmark)" if "chestmnist" in unknown else ""
+        raise ConfigError(f"params.yaml: unknown {what} name(s) {unknown} in {_where(cfg, key)}{why}; "
+                          f"valid names: {', '.join(valid)}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"params.yaml: {_where(cfg, key)} lists {dupes} more than once")
+    return names
+
+
+def _check_shots(cfg: dict, key: str, value: Any) -> list[int]:
+    shots = value if isinstance(value, list) else [value]
+    if not shots or not all(_pos_int(k) for k in shots) or len(set(shots)) != len(shots):
+        _fail(cfg, key, value, "distinct positive integers (shots per class)", "e.g. [1, 2, 4, 8, 16]")
+    return shots
+
+
+def validate_backbone_name(name: str) -> None:
+    """Known names, or '<open_clip architecture>/<pretrained tag>' (checked further when loaded)."""
+    if name in BACKBONES or re.fullmatch(r"[\w.\-]+/[\w.\-]+", name or "") or str(name).startswith("hf-hub:"):
+        return
+    raise ConfigError(f"params.yaml: unknown backbone.name {name!r}; valid names: {', '.join(BACKBONES)}, or an "
+                      f"open_clip pair '<architecture>/<pretrained tag>' such as 'ViT-B-16/openai'")
+
+
+def validate(cfg: dict) -> None:
+    """Check every section; raise :class:`ConfigError` naming the key, the bad value and the fix."""
+    from biovlm.data import DATASETS  # light: numpy and medmnist's info table only
+
+    known = {"profile", "_profile", "_from_profile", "seeds", "datasets", "methods", "settings",
+             *_SECTION_RULES, *METHOD_KNOBS}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown top-level key(s) {unknown}; valid: "
+                          f"{', '.join(sorted(k for k in known if not k.startswith('_')))}")
+
+    seeds = cfg.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(_int(s) for s in seeds) or len(set(seeds)) != len(seeds):
+        _fail(cfg, "seeds", seeds, "a non-empty list of distinct integers", "e.g. [1, 2, 3]")
+    datasets = _check_names(cfg, "datasets", list(DATASETS), "dataset")
+    _check_names(cfg, "methods", METHODS, "method")
+    _check_names(cfg, "settings", SETTINGS, "setting")
+
+    for section, rules in _SECTION_RULES.items():
+        _check_section(cfg, section, rules)
+    for method, rules in METHOD_KNOBS.items():
+        if cfg.get(method) is None:
+            cfg[method] = {}
+        _check_section(cfg, method, rules)
+
+    validate_backbone_name(cfg["backbone"].get("name"))
+    device = cfg["backbone"].get("device", "auto")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
+        _fail(cfg, "backbone.device", device, "auto, cpu, cuda, cuda:<index> or mps")
+
+    fewshot = _check_shots(cfg, "fewshot.shots", cfg["fewshot"].get("shots"))
+    sources = cfg["crossdata"].get("sources", "all")
+    if sources != "all":
+        if not isinstance(sources, list) or not sources:
+            _fail(cfg, "crossdata.sources", sources, "'all' or a non-empty list of datasets")
+        outside = [s for s in sources if s not in datasets]
+        if outside:
+            raise ConfigError(f"params.yaml: crossdata.sources {outside} are not in datasets; valid sources: "
+                              f"'all' or any of {', '.join(datasets)}")
+    if "crossdata" in cfg["settings"] and len(datasets) < 2:
+        raise ConfigError("params.yaml: the crossdata setting needs at least two datasets; add datasets or drop "
+                          "crossdata from settings")
+    biggest = max(all_shots(cfg))
+    if biggest > 16:
+        _fail(cfg, "fewshot.shots", fewshot, "at most 16 shots per class (the benchmark's few-shot regime)")
+
+    if cfg["filter"]["keep"] > cfg["llm"]["n"]:
+        _fail(cfg, "filter.keep", cfg["filter"]["keep"], f"at most llm.n = {cfg['llm']['n']} (attributes per class)")
+
+    if cfg["data"]["synthetic"]:
+        _check_synthetic(cfg, datasets, biggest)
+
+
+def _check_synthetic(cfg: dict, datasets: list[str], biggest: int) -> None:
+    """Synthetic twins hold ``synthetic_n[split]`` images per split, balanced over classes: enough for K shots?"""
+    from biovlm.data import DATASETS, SPLITS
+
+    counts = cfg["data"].get("synthetic_n")
+    if not isinstance(counts, dict) or set(counts) != set(SPLITS) or not all(_pos_int(v) for v in counts.values()):
+        _fail(cfg, "data.synthetic_n", counts, "{train: n, val: n, test: n} with positive image counts per split")
+    most = max(DATASETS[d].n_classes for d in datasets)
+    widest = max(datasets, key=lambda d: DATASETS[d].n_classes)
+    per_class = counts["train"] // most
+    if per_class < biggest:
+        _fail(cfg, "data.synthetic_n", counts,
+              f"large enough for {biggest} shots per class", f"{widest} has {most} classes, so its synthetic train "
+              f"split holds {per_class} per class: set data.synthetic_n.train >= {biggest * most} or lower the shots")
+    if counts["val"] // most < min(biggest, 4):
+        _fail(cfg, "data.synthetic_n", counts, f"large enough for {min(biggest, 4)} validation shots per class",
+              f"set data.synthetic_n.val >= {min(biggest, 4) * most}")
+    if counts["test"] < most:
+        _fail(cfg, "data.synthetic_n", counts, f"at least {most} test images (one per class of {widest})")
+
+
+# ----------------------------------------------------------------------------------------------- derived values
+def all_shots(cfg: Mapping) -> list[int]:
+    """Every shot count any setting trains with, ascending (the feature pool holds the largest)."""
+    shots = set(cfg["fewshot"]["shots"]) if "fewshot" in cfg["settings"] else set()
+    if "base2new" in cfg["settings"]:
+        shots.add(cfg["base2new"]["shots"])
+    if "crossdata" in cfg["settings"]:
+        shots.add(cfg["crossdata"]["shots"])
+    return sorted(shots or set(cfg["fewshot"]["shots"]))
+
+
+def crossdata_sources(cfg: Mapping) -> list[str]:
+    sources = cfg["crossdata"].get("sources", "all")
+    return list(cfg["datasets"]) if sources == "all" else list(sources)
+
+
+def raw_dir(cfg: Mapping, dataset: str) -> Path:
+    """Folder of one dataset's npz: real files in ``<root>/<ds>``, synthetic twins in ``<root>/<ds>/synthetic``
+    (kept apart so that switching profiles never mixes them, and neither is re-downloaded or regenerated)."""
+    folder = Path(cfg["data"]["root"]) / dataset
+    return folder / "synthetic" if cfg["data"]["synthetic"] else folder
+
+
+def feature_path(dataset: str) -> Path:
+    return FEATURES_DIR / f"{dataset}.safetensors"
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu`` (imports torch: call from stages, not at import)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def describe_profile(cfg: Mapping) -> str:
+    """One line for stage logs: which profile is active and which keys it overrides."""
+    touched = cfg.get("_from_profile") or []
+    if not touched:
+        return f"profile {cfg.get('_profile', 'paper')!r}"
+    return f"profile {cfg['_profile']!r} overrides: {', '.join(touched)} (change them under profiles.{cfg['_profile']})"
+
+
+def stage_main(name: str, main, argv: list[str] | None = None) -> None:
+    """Run a stage's ``main``; a user error (bad value, missing or mismatched file, failed download) exits with
+    its message instead of a traceback. ``BIOVLM_DEBUG=1`` shows the traceback."""
+    import os
+    import sys
+
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("BIOVLM_DEBUG"):
+            raise
+        print(f"{name}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
