@@ -109,7 +109,7 @@ _SECTION_RULES: dict[str, dict[str, Any]] = {
     "data": {"root": _str, "size": _choice(28, 64, 128, 224), "synthetic": lambda v: isinstance(v, bool),
              "synthetic_n": None, "synthetic_seed": _int},
     "backbone": {"name": _str, "device": _str, "cache_dir": lambda v: v is None or isinstance(v, str)},
-    "features": {"views": _pos_int, "batch_size": _pos_int, "seed": _int},
+    "features": {"views": _pos_int, "batch_size": _pos_int, "seed": _int, "max_shots": _pos_int},
     "fewshot": {"shots": None},
     "base2new": {"shots": _pos_int},
     "crossdata": {"sources": None, "shots": _pos_int},
@@ -315,8 +315,13 @@ def validate(cfg: dict) -> None:
         raise ConfigError("params.yaml: the crossdata setting needs at least two datasets; add datasets or drop "
                           "crossdata from settings")
     biggest = max(all_shots(cfg))
-    if biggest > 16:
-        _fail(cfg, "fewshot.shots", fewshot, "at most 16 shots per class (the benchmark's few-shot regime)")
+    pool = cfg["features"]["max_shots"]
+    if biggest > pool:
+        where = next(k for k, v in (("fewshot.shots", max(fewshot)), ("base2new.shots", cfg["base2new"]["shots"]),
+                                    ("crossdata.shots", cfg["crossdata"]["shots"])) if v == biggest)
+        _fail(cfg, where, biggest, f"at most features.max_shots = {pool} (the shots the feature cache holds)",
+              f"raise features.max_shots to {biggest} or lower {where}")
+    biggest = max(biggest, pool)  # the features stage samples max_shots per class
 
     if cfg["filter"]["keep"] > cfg["llm"]["n"]:
         _fail(cfg, "filter.keep", cfg["filter"]["keep"], f"at most llm.n = {cfg['llm']['n']} (attributes per class)")

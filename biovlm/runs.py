@@ -1,0 +1,348 @@
+"""Every run of one method: plan, check inputs, train, evaluate, save; resumable run by run.
+
+A *run* is (setting, dataset, shots K, seed): ``fewshot`` trains on K shots of every class and is tested on all
+classes; ``base2new`` trains on K shots of the base classes and is tested on base and novel classes separately.
+The cross-dataset setting trains nothing new: it reloads the ``fewshot`` checkpoint with ``crossdata.shots`` of
+each source and tests it on every dataset with that dataset's class names (source == target is the in-domain
+diagonal).
+
+Resuming. Each run's result (method checkpoint, training history, metric rows) is one file
+``<out>/<setting>/<dataset>/k<K>_seed<S>.pt``, written atomically (temporary file + rename) and holding a hash of
+everything the run depends on: the method and train knobs, the run itself, the bytes of the dataset's feature
+file and filtered attributes, and the source code of the training and evaluation path. A rerun skips every run
+whose file holds the current hash, so an interrupted train stage resumes where it stopped, and a changed knob,
+input or code retrains exactly the runs it affects. Files no plan refers to are deleted at the end.
+
+Inputs are checked before any training starts (:func:`load_inputs`): a missing or mismatched feature file
+(other backbone, image size, view count, seeds or too few shots) or attribute file is an error naming the stage
+to rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from biovlm.config import FEATURES_DIR, FILTERED_DIR, all_shots, crossdata_sources, feature_path
+from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
+
+# Source files whose change invalidates finished runs (backbone changes also reach runs through the features).
+CODE_FILES = ("runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py", "methods/*.py")
+RUN_FORMAT = 1
+
+RunLog = Callable[[str, dict, int], None]  # (run name, epoch record, epoch)
+
+
+class InputError(ValueError):
+    """A feature or attribute file is missing or does not match the configuration."""
+
+
+@dataclass(frozen=True)
+class Run:
+    setting: str  # "fewshot" | "base2new"
+    dataset: str
+    shots: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}/{self.dataset}/k{self.shots}_seed{self.seed}"
+
+
+def plan_runs(cfg: Mapping) -> list[Run]:
+    """The runs of one method, in execution order: few-shot (every dataset, K, seed), the few-shot runs the
+    cross-dataset setting needs (even when ``fewshot`` is not a selected setting), then base-to-novel."""
+    settings, seeds = cfg["settings"], cfg["seeds"]
+    runs: list[Run] = []
+    if "fewshot" in settings:
+        runs += [Run("fewshot", ds, k, s) for ds in cfg["datasets"] for k in sorted(cfg["fewshot"]["shots"])
+                 for s in seeds]
+    if "crossdata" in settings:
+        k = cfg["crossdata"]["shots"]
+        runs += [r for ds in crossdata_sources(cfg) for s in seeds if (r := Run("fewshot", ds, k, s)) not in runs]
+    if "base2new" in settings:
+        runs += [Run("base2new", ds, cfg["base2new"]["shots"], s) for ds in cfg["datasets"] for s in seeds]
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- hashing, files
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_digest() -> str:
+    """Hash of the source of the training and evaluation path (``CODE_FILES``)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for pattern in CODE_FILES:
+        for path in sorted(root.glob(pattern)):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_hash(method: str, cfg: Mapping, run: Run, inputs_digest: str, code: str) -> str:
+    """Hash of everything a run's result depends on."""
+    payload = {"format": RUN_FORMAT, "method": method, "knobs": cfg.get(method) or {}, "train": cfg["train"],
+               "run": asdict(run), "inputs": inputs_digest, "code": code}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_if_current(path: Path, expected_hash: str) -> dict | None:
+    """The saved run at ``path`` if it holds ``expected_hash``; None if absent, stale or unreadable."""
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a file from another version or damaged: redo the run
+        return None
+    return state if isinstance(state, dict) and state.get("hash") == expected_hash else None
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class DatasetInputs:
+    info: Any  # biovlm.data.DatasetInfo
+    features: Any  # biovlm.features.FeatureSet
+    attributes: list[list[str]] | None  # filtered attributes by label id
+    digest: str  # hash of the feature and attribute files
+
+
+def expected_feature_meta(cfg: Mapping, dataset: str) -> dict:
+    return {"dataset": dataset, "backbone": cfg["backbone"]["name"], "size": cfg["data"]["size"],
+            "views": cfg["features"]["views"]}
+
+
+def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_dir: str | Path | None = FILTERED_DIR,
+                datasets: Sequence[str] | None = None) -> dict[str, DatasetInputs]:
+    """Load and check the feature file and filtered attributes of every dataset, before any training."""
+    from biovlm.data import get_dataset
+    from biovlm.features import load_features
+    from biovlm.filtering import load_filtered
+
+    need_k, seeds = max(all_shots(cfg)), list(cfg["seeds"])
+    inputs = {}
+    for ds in datasets or cfg["datasets"]:
+        info = get_dataset(ds)
+        path = Path(features_dir) / feature_path(ds).name
+        if not path.exists():
+            raise InputError(f"feature file {path} is missing; run the features stage first (dvc repro features)")
+        try:
+            feats = load_features(path, expect=expected_feature_meta(cfg, ds))
+        except (ValueError, KeyError) as e:
+            raise InputError(f"{path} does not match params.yaml ({e}); rerun the features stage "
+                             f"(dvc repro features)") from None
+        meta = feats.meta
+        missing_seeds = sorted(set(seeds) - set(meta.get("seeds", [])))
+        if missing_seeds or int(meta.get("max_shots", 0)) < need_k:
+            raise InputError(f"{path} holds shots for seeds {meta.get('seeds')} up to K={meta.get('max_shots')}, "
+                             f"but params.yaml asks for seeds {seeds} and K up to {need_k}; rerun the features "
+                             f"stage (dvc repro features)")
+        attributes, digest = None, file_digest(path)
+        if filtered_dir is not None:
+            fpath = Path(filtered_dir) / f"{ds}.json"
+            if not fpath.exists():
+                raise InputError(f"filtered attribute file {fpath} is missing; run the filter stage first "
+                                 f"(dvc repro filter)")
+            attributes = load_filtered(fpath)
+            if len(attributes) != info.n_classes:
+                raise InputError(f"{fpath} holds attributes for {len(attributes)} classes, {ds} has "
+                                 f"{info.n_classes}; rerun the attributes and filter stages")
+            digest = hashlib.sha256((digest + file_digest(fpath)).encode()).hexdigest()
+        inputs[ds] = DatasetInputs(info, feats, attributes, digest)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def _class_specific(method) -> bool:
+    """Methods whose classifier is tied to the training classes (cannot score unseen classes)."""
+    return bool(getattr(method, "class_specific", method.name == "linear_probe"))
+
+
+def evaluate_part(method, data: DatasetInputs, class_ids: Sequence[int], batch_size: int = 1024,
+                  trivial: bool = False) -> dict:
+    """Metrics of ``method`` on the test images of ``class_ids`` of ``data``, classified among those classes."""
+    import torch
+
+    from biovlm.train import predict
+
+    labels = np.asarray(data.features.test_labels).reshape(-1)
+    class_ids = [int(c) for c in class_ids]
+    mask = np.isin(labels, class_ids)
+    lut = np.full(int(labels.max()) + 1, -1)
+    lut[class_ids] = np.arange(len(class_ids))
+    y = lut[labels[mask]]
+    if trivial:  # one class: the only possible answer, whatever the method
+        probs = np.ones((len(y), 1))
+    else:
+        x = data.features.test_features[torch.as_tensor(np.flatnonzero(mask))]
+        names = [data.info.prompt_names[c] for c in class_ids]
+        attrs = [data.attributes[c] for c in class_ids] if data.attributes is not None else None
+        probs = predict(method, x, names, data.info, attrs, batch_size=batch_size).numpy()
+    return {**classification_metrics(probs, y), "n_classes": len(class_ids)}
+
+
+def _row(method: str, setting: str, source: str, target: str, run: Run, part: str, metrics: dict) -> dict:
+    return {"method": method, "setting": setting, "source": source, "target": target, "shots": run.shots,
+            "seed": run.seed, "part": part, **{k: metrics[k] for k in RESULT_COLUMNS if k in metrics}}
+
+
+def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetInputs, run: Run,
+                       log: Callable[[dict, int], None] | None = None) -> dict:
+    """Train one run and evaluate it; returns {"checkpoint", "history", "rows"}."""
+    from biovlm.data import base_novel_split
+    from biovlm.methods import NotTransferable, build_method
+    from biovlm.train import fit
+
+    n = data.info.n_classes
+    if run.setting == "fewshot":
+        train_ids, parts = list(range(n)), [("all", list(range(n)))]
+    else:
+        base, novel = base_novel_split(n)
+        train_ids, parts = base.tolist(), [("base", base.tolist()), ("novel", novel.tolist())]
+    method = build_method(method_name, backbone, dict(cfg), data.info, attributes=data.attributes,
+                          class_ids=train_ids)
+    history: dict = {"epochs": [], "steps": 0, "seconds": 0.0, "skipped": None}
+    if len(train_ids) > 1:
+        positions = data.features.shots(run.seed, run.shots, classes=train_ids)
+        history = fit(method, data.features, positions, dict(cfg), run.seed, log=log)
+    else:
+        history["skipped"] = "one training class: every prediction is that class"
+    batch = cfg["train"].get("eval_batch_size", 1024)
+    rows = []
+    for part, ids in parts:
+        unseen = part == "novel"
+        if unseen and _class_specific(method):
+            continue  # not applicable: reported as absent
+        try:
+            metrics = evaluate_part(method, data, ids, batch, trivial=len(ids) == 1)
+        except NotTransferable:
+            continue
+        rows.append(_row(method_name, run.setting, run.dataset, run.dataset, run, part, metrics))
+    return {"checkpoint": method.checkpoint(), "history": history, "rows": rows}
+
+
+def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source: str, run: Run,
+                   inputs: Mapping[str, DatasetInputs]) -> list[dict]:
+    """Rows of the few-shot checkpoint ``saved`` of ``source`` tested on every other dataset ([] if the method
+    cannot classify other classes)."""
+    from biovlm.methods import NotTransferable, build_method
+
+    src = inputs[source]
+    method = build_method(method_name, backbone, dict(cfg), src.info, attributes=src.attributes)
+    method.load_checkpoint(saved["checkpoint"])
+    if _class_specific(method):
+        return []
+    rows = []
+    batch = cfg["train"].get("eval_batch_size", 1024)
+    for target, data in inputs.items():
+        if target == source:  # in-domain diagonal: the few-shot run's own test result
+            rows += [{**r, "setting": "crossdata"} for r in saved["rows"] if r["part"] == "all"]
+            continue
+        try:
+            metrics = evaluate_part(method, data, list(range(data.info.n_classes)), batch)
+        except NotTransferable:
+            return []
+        rows.append(_row(method_name, "crossdata", source, target, run, "all", metrics))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- the method
+def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, DatasetInputs], out_dir: str | Path,
+               log: RunLog | None = None, echo: Callable[[str], None] = print) -> pd.DataFrame:
+    """Execute (or reuse) every run of ``method_name``; return the rows of the selected settings."""
+    out_dir = Path(out_dir)
+    code = code_digest()
+    runs = plan_runs(cfg)
+    saved: dict[Run, dict] = {}
+    keep: set[Path] = set()
+    hashes: dict[Run, str] = {}
+    t_start, trained = time.perf_counter(), 0
+    for i, run in enumerate(runs, 1):
+        path = out_dir / f"{run.name}.pt"
+        keep.add(path)
+        hashes[run] = run_hash(method_name, cfg, run, inputs[run.dataset].digest, code)
+        state = load_if_current(path, hashes[run])
+        t0 = time.perf_counter()
+        if state is None:
+            run_log = (lambda record, epoch, _name=run.name: log(_name, record, epoch)) if log else None
+            state = train_and_evaluate(method_name, cfg, backbone, inputs[run.dataset], run, run_log)
+            state.update(hash=hashes[run], run=asdict(run), method=method_name)
+            atomic_save(state, path)
+            trained += 1
+            how = f"{time.perf_counter() - t0:.1f} s"
+        else:
+            how = "done before, reused"
+        saved[run] = state
+        acc = ", ".join(f"{r['part']} {r['accuracy']:.1f}" for r in state["rows"])
+        echo(f"[{i}/{len(runs)}] {method_name} {run.name}: accuracy {acc or 'n/a'} ({how})")
+
+    rows = [r for run in runs for r in saved[run]["rows"] if r["setting"] in cfg["settings"]]
+    if "crossdata" in cfg["settings"]:
+        k = cfg["crossdata"]["shots"]
+        all_inputs = hashlib.sha256("".join(inputs[d].digest for d in inputs).encode()).hexdigest()
+        for source in crossdata_sources(cfg):
+            for seed in cfg["seeds"]:
+                run = Run("fewshot", source, k, seed)
+                path = out_dir / "crossdata" / source / f"k{k}_seed{seed}.pt"
+                keep.add(path)
+                expected = hashlib.sha256(f"{hashes[run]}:{all_inputs}:{list(inputs)}".encode()).hexdigest()
+                state = load_if_current(path, expected)
+                if state is None:
+                    state = {"hash": expected, "rows": cross_evaluate(method_name, cfg, backbone, saved[run],
+                                                                       source, run, inputs)}
+                    atomic_save(state, path)
+                rows += state["rows"]
+        echo(f"{method_name} crossdata: {sum(r['setting'] == 'crossdata' for r in rows)} rows")
+    _prune(out_dir, keep)
+    echo(f"{method_name}: {len(runs)} runs ({trained} trained, {len(runs) - trained} reused) in "
+         f"{time.perf_counter() - t_start:.1f} s")
+    return results_frame(rows)
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    order = {"fewshot": 0, "base2new": 1, "crossdata": 2}
+    return frame.sort_values(["setting", "source", "target", "shots", "seed", "part"],
+                             key=lambda s: s.map(order) if s.name == "setting" else s,
+                             kind="stable").reset_index(drop=True)
+
+
+def _prune(out_dir: Path, keep: set[Path]) -> None:
+    """Delete run files no current plan refers to (left by earlier configurations), then empty folders."""
+    if not out_dir.exists():
+        return
+    for path in out_dir.rglob("*.pt"):
+        if path not in keep:
+            path.unlink()
+    for folder in sorted((p for p in out_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()

@@ -1,0 +1,47 @@
+"""DVC stage ``evaluate``: ``results/<method>.csv`` of every method -> the DVC metrics ``metrics/fewshot.json``,
+``metrics/base2new.json``, ``metrics/crossdata.json``, ``metrics/summary.json`` and the plot data
+``metrics/plots/fewshot_curve.csv`` and ``metrics/plots/crossdata.csv``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from biovlm.config import METRICS_DIR, RESULTS_DIR, load_config, stage_main
+from biovlm.evaluate import (
+    base2new_metrics,
+    check_finite,
+    crossdata_matrix,
+    crossdata_metrics,
+    fewshot_curve,
+    fewshot_metrics,
+    load_results,
+    summary_metrics,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--results", default=str(RESULTS_DIR))
+    ap.add_argument("--out", default=str(METRICS_DIR))
+    args = ap.parse_args(argv)
+    cfg = load_config(args.params)
+    methods, datasets = cfg["methods"], cfg["datasets"]
+    df = load_results(Path(args.results) / f"{m}.csv" for m in methods)
+    out = Path(args.out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    metrics = {"fewshot": fewshot_metrics(df, methods, datasets), "base2new": base2new_metrics(df, methods, datasets),
+               "crossdata": crossdata_metrics(df, methods, datasets)}
+    metrics["summary"] = summary_metrics(metrics["fewshot"], metrics["base2new"], metrics["crossdata"])
+    for name, values in metrics.items():
+        check_finite(values, name)
+        (out / f"{name}.json").write_text(json.dumps(values, indent=1) + "\n")
+    fewshot_curve(df, methods).to_csv(out / "plots" / "fewshot_curve.csv", index=False)
+    crossdata_matrix(df, methods, datasets).to_csv(out / "plots" / "crossdata.csv", index=False)
+    print(json.dumps(metrics["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    stage_main("evaluate", main)

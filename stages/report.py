@@ -1,0 +1,30 @@
+"""DVC stage ``report``: paper-layout tables (``report/report.md``, ``report/tables.tex``) and figures
+(``report/figures/*.png``) from ``results/<method>.csv`` of every method."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from biovlm.config import REPORT_DIR, RESULTS_DIR, describe_profile, load_config, stage_main
+from biovlm.evaluate import load_results
+from biovlm.report import write_report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--results", default=str(RESULTS_DIR))
+    ap.add_argument("--out", default=str(REPORT_DIR))
+    args = ap.parse_args(argv)
+    cfg = load_config(args.params)
+    df = load_results(Path(args.results) / f"{m}.csv" for m in cfg["methods"])
+    header = (f"Configuration: {describe_profile(cfg)}; backbone `{cfg['backbone']['name']}`, "
+              f"{cfg['data']['size']} px{' synthetic twins' if cfg['data']['synthetic'] else ''}, "
+              f"seeds {cfg['seeds']}, {cfg['train']['epochs']} epochs.")
+    paths = write_report(df, args.out, cfg["methods"], cfg["datasets"], header=header)
+    print("report: " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    stage_main("report", main)
