@@ -1,0 +1,199 @@
+"""params.yaml, the profile overlay and validation: every bad value fails fast with a message naming key and fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biovlm.config import (
+    METHOD_KNOBS,
+    METHODS,
+    ConfigError,
+    all_shots,
+    crossdata_sources,
+    load_config,
+    raw_dir,
+    resolve,
+    validate,
+)
+from biovlm.data import DATASETS
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+
+
+def raw() -> dict:
+    return yaml.safe_load(PARAMS.read_text())
+
+
+def config(**overrides) -> dict:
+    return load_config(PARAMS, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def test_paper_defaults():
+    cfg = config()
+    assert cfg["_profile"] == "paper" and cfg["_from_profile"] == []
+    assert cfg["datasets"] == list(DATASETS) and len(cfg["datasets"]) == 11
+    assert cfg["methods"] == list(METHODS)
+    assert cfg["backbone"]["name"] == "biomedclip" and cfg["data"]["size"] == 224 and not cfg["data"]["synthetic"]
+    assert cfg["seeds"] == [1, 2, 3] and cfg["fewshot"]["shots"] == [1, 2, 4, 8, 16]
+    assert cfg["train"]["epochs"] == 50 and cfg["train"]["lr"] == 0.002
+    assert cfg["biovlm"]["bank_size"] == 10 and cfg["biovlm"]["select_ratio"] == 0.5
+    assert all_shots(cfg) == [1, 2, 4, 8, 16] and crossdata_sources(cfg) == list(DATASETS)
+
+
+def test_demo_overlay_changes_values_and_keeps_the_rest():
+    paper, demo = config(), config(profile="demo")
+    assert demo["data"]["synthetic"] is True and demo["data"]["size"] == 28
+    assert demo["backbone"]["name"] == "tiny-pretrained"
+    assert 16 in demo["fewshot"]["shots"] and demo["train"]["epochs"] < paper["train"]["epochs"]
+    # untouched keys of a touched section survive the merge
+    assert demo["train"]["momentum"] == paper["train"]["momentum"]
+    assert demo["data"]["root"] == paper["data"]["root"]
+    assert demo["datasets"] == paper["datasets"] and demo["methods"] == paper["methods"]
+    assert "data.synthetic" in demo["_from_profile"] and "train.momentum" not in demo["_from_profile"]
+    # the demo sets no method knob: `-S biovlm.x=...` must mean the same under every profile
+    assert not any(k.split(".")[0] in METHOD_KNOBS for k in demo["_from_profile"])
+    assert raw_dir(demo, "pathmnist") == Path("data/raw/pathmnist/synthetic")
+    assert raw_dir(paper, "pathmnist") == Path("data/raw/pathmnist")
+
+
+def test_overrides_win_over_the_profile():
+    cfg = config(profile="demo", train__epochs=3, biovlm__select_ratio=1.0)
+    assert cfg["train"]["epochs"] == 3 and cfg["biovlm"]["select_ratio"] == 1.0
+    assert "train.epochs" not in cfg["_from_profile"]
+
+
+def test_method_knobs_match_the_methods():
+    """config's knob rules, params.yaml's sections and the methods' DEFAULTS name the same knobs."""
+    from biovlm.methods import METHOD_NAMES, _registry
+
+    assert tuple(METHODS) == tuple(METHOD_NAMES)
+    registry = _registry()
+    for name in METHODS:
+        assert set(METHOD_KNOBS[name]) == set(registry[name].DEFAULTS), name
+        assert set(raw()[name] or {}) == set(registry[name].DEFAULTS), f"params.yaml section {name}"
+        assert {k: v for k, v in (raw()[name] or {}).items()} == registry[name].DEFAULTS, f"defaults of {name}"
+
+
+def test_train_knobs_match_the_loop():
+    from biovlm.train import TRAIN_DEFAULTS, train_knobs
+
+    assert set(raw()["train"]) == set(TRAIN_DEFAULTS)
+    train_knobs(config())  # the loop accepts the validated section as is
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"datasets": ["pathmnist", "chestmnist"]}, "unknown dataset name(s) ['chestmnist']"),
+        ({"datasets": ["pathmnist", "pathmnist"]}, "more than once"),
+        ({"methods": ["coop", "maple"]}, "unknown method name(s) ['maple']"),
+        ({"settings": ["fewshot", "zero2hero"]}, "unknown setting name(s) ['zero2hero']"),
+        ({"backbone.name": "resnet50"}, "unknown backbone.name 'resnet50'"),
+        ({"backbone.device": "gpu"}, "backbone.device must be auto, cpu, cuda"),
+        ({"biovlm.select_ratio": 0}, "biovlm.select_ratio must be a number in (0, 1], got 0"),
+        ({"biovlm.select_ratio": 1.5}, "biovlm.select_ratio must be a number in (0, 1], got 1.5"),
+        ({"biovlm.teacher_ratio": -0.1}, "biovlm.teacher_ratio must be a number in (0, 1]"),
+        ({"biovlm.bank_size": 0}, "biovlm.bank_size must be a positive integer"),
+        ({"biovlm.l_kd": -1}, "biovlm.l_kd must be a number >= 0"),
+        ({"biovlm.kl_reduction": "sum"}, "biovlm.kl_reduction must be one of batchmean, reference"),
+        ({"fewshot.shots": [0, 4]}, "fewshot.shots must be distinct positive integers"),
+        ({"fewshot.shots": [1, 32]}, "raise features.max_shots to 32 or lower fewshot.shots"),
+        ({"base2new.shots": 0}, "base2new.shots must be a positive integer"),
+        ({"crossdata.sources": ["pathmnist", "chestmnist"]}, "crossdata.sources ['chestmnist'] are not in datasets"),
+        ({"datasets": ["pathmnist"]}, "crossdata setting needs at least two datasets"),
+        ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"data.size": 100}, "data.size must be one of 28, 64, 128, 224"),
+        ({"train.epochs": 0}, "train.epochs must be a positive integer"),
+        ({"train.momentum": 1.0}, "train.momentum must be a number in [0, 1)"),
+        ({"filter.keep": 11}, "filter.keep must be at most llm.n = 10"),
+        ({"profile": "fast"}, "unknown profile 'fast'; valid profiles: demo, paper"),
+    ],
+)
+def test_bad_values_are_named_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(PARAMS, overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(ConfigError, match=r"params.yaml has no key biovlm.bank_sz; valid keys here: .*bank_size"):
+        config(biovlm__bank_sz=3)
+    bad = raw()
+    bad["biovlm"]["bank_sz"] = 3
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) biovlm.bank_sz; valid keys of biovlm: .*bank_size"):
+        validate(resolve(bad))
+    bad = raw()
+    bad["trian"] = {"epochs": 3}
+    with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['trian'\]"):
+        validate(resolve(bad))
+
+
+def test_profile_rules():
+    bad = raw()
+    bad["profiles"]["demo"]["datasets"] = ["pathmnist"]
+    with pytest.raises(ConfigError, match="may not change them.*Edit the top-level datasets"):
+        resolve(bad, {"profile": "demo"})
+    bad = raw()
+    bad["profiles"]["demo"]["train"]["epoch"] = 3
+    with pytest.raises(ConfigError, match=r"profile key train.epoch does not exist in params.yaml"):
+        resolve(bad, {"profile": "demo"})
+    # a bad value set by the profile is reported where it must be changed
+    with pytest.raises(ConfigError, match=r"profiles.demo.fewshot.shots \(profile 'demo' sets it\)"):
+        config(profile="demo", **{"profiles.demo.fewshot.shots": [0]})
+
+
+def test_synthetic_twins_must_hold_the_shots():
+    with pytest.raises(ConfigError, match=r"organamnist has 11 classes.*data.synthetic_n.train >= 176"):
+        config(profile="demo", data__synthetic_n={"train": 100, "val": 60, "test": 30})
+    with pytest.raises(ConfigError, match=r"data.synthetic_n.val >= 44"):
+        config(profile="demo", data__synthetic_n={"train": 400, "val": 20, "test": 30})
+    cfg = config(profile="demo", datasets=["breastmnist", "pneumoniamnist"],
+                 data__synthetic_n={"train": 32, "val": 8, "test": 4})
+    assert cfg["data"]["synthetic_n"]["train"] == 32
+
+
+def test_missing_or_broken_params_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run from the repository root"):
+        load_config(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("seeds: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "params.yaml")
+
+
+def test_light_modules_do_not_import_torch():
+    code = ("import sys, biovlm.config, biovlm.evaluate, biovlm.report; biovlm.config.load_config(); "
+            "heavy = [m for m in ('torch', 'open_clip', 'medmnist', 'matplotlib') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def _declared_params(stage: dict) -> list[str]:
+    return [p for p in stage.get("params", []) if isinstance(p, str)]
+
+
+def test_dvc_yaml_declares_existing_params_and_the_method_section():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = raw()
+    for name, stage in dvc["stages"].items():
+        body = stage.get("do", stage)
+        declared = _declared_params(body)
+        assert {"profile", "profiles"} <= set(declared), name
+        for key in declared:
+            if key == "${item}":
+                continue
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"stage {name} declares unknown param {key}"
+                node = node[part]
+    assert dvc["stages"]["download"]["foreach"] == "${datasets}"
+    assert dvc["stages"]["train"]["foreach"] == "${methods}"
+    assert "${item}" in _declared_params(dvc["stages"]["train"]["do"])
+    # the training stage must not depend on knobs it does not read (an ablation reruns only what it touches)
+    assert not {"llm", "filter", "methods"} & set(_declared_params(dvc["stages"]["train"]["do"]))
+    assert "biovlm" not in _declared_params(dvc["stages"]["features"])

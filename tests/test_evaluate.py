@@ -1,0 +1,143 @@
+"""Metrics on hand-checked predictions, and their aggregation into the settings' metrics and the summary."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from biovlm.evaluate import (
+    RESULT_COLUMNS,
+    base2new_metrics,
+    check_finite,
+    classification_metrics,
+    crossdata_matrix,
+    crossdata_metrics,
+    expected_calibration_error,
+    fewshot_curve,
+    fewshot_metrics,
+    harmonic_mean,
+    load_results,
+    one_vs_rest_auc,
+    summary_metrics,
+)
+
+
+def test_ece_by_hand():
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.2, 0.8]])
+    labels = np.array([0, 1, 0, 1])
+    # bins (15): 0.95 -> bin 14 (acc 1/2, conf .95); 0.55 -> bin 8 (acc 1, conf .55); 0.8 -> bin 11 (acc 1, .8)
+    expected = 0.5 * abs(0.5 - 0.95) + 0.25 * abs(1 - 0.55) + 0.25 * abs(1 - 0.8)
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected)
+    # perfectly confident and right: 0; uniform over 15 classes and right: |1 - 1/15|
+    assert expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
+    uniform = np.array([[1 / 15] * 15])
+    assert expected_calibration_error(uniform, np.array([0])) == pytest.approx(1 - 1 / 15)
+
+
+def test_auc_binary_multiclass_and_absent_classes():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 50)
+    p1 = np.clip(labels * 0.3 + rng.uniform(0, 0.7, 50), 0, 1)
+    probs = np.stack([1 - p1, p1], axis=1)
+    assert one_vs_rest_auc(probs, labels) == pytest.approx(roc_auc_score(labels, p1))
+    # 4 classes, class 3 absent from the labels: macro over the present classes, no crash
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = rng.dirichlet(np.ones(4), size=6)
+    expected = np.mean([roc_auc_score(labels == c, probs[:, c]) for c in (0, 1, 2)])
+    assert one_vs_rest_auc(probs, labels) == pytest.approx(expected)
+    assert math.isnan(one_vs_rest_auc(probs[:2], labels[:2]))  # one class present: undefined
+
+
+def test_classification_metrics():
+    labels = np.array([0, 1, 2, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.2, 0.3]])
+    m = classification_metrics(probs, labels)
+    assert m["accuracy"] == pytest.approx(75.0) and m["n"] == 4
+    # F1 per class: class 0: p=1/2 r=1 -> 2/3; class 1: 1; class 2: p=1 r=1/2 -> 2/3
+    assert m["macro_f1"] == pytest.approx(100 * (2 / 3 + 1 + 2 / 3) / 3)
+    assert 0 <= m["ece"] <= 100 and 0 <= m["auc"] <= 100
+    one = classification_metrics(np.ones((5, 1)), np.zeros(5, dtype=int))  # a single class: trivial
+    assert one["accuracy"] == 100.0 and one["macro_f1"] == 100.0 and one["ece"] == 0.0 and math.isnan(one["auc"])
+    with pytest.raises(ValueError, match="labels must lie in 0..2"):
+        classification_metrics(probs, np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="one row per label"):
+        classification_metrics(probs, labels[:3])
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+    assert math.isnan(harmonic_mean(50.0, float("nan")))
+
+
+def frame(rows: list[tuple]) -> pd.DataFrame:
+    cols = ["method", "setting", "source", "target", "shots", "seed", "part", "n_classes", "accuracy"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["n"], df["macro_f1"], df["auc"], df["ece"] = 10, df.accuracy - 1, df.accuracy + 1, 5.0
+    return df[list(RESULT_COLUMNS)]
+
+
+def test_fewshot_aggregation_means_and_std_over_seeds():
+    df = frame([("coop", "fewshot", d, d, k, s, "all", 3, acc) for d, k, s, acc in [
+        ("pathmnist", 16, 1, 80.0), ("pathmnist", 16, 2, 90.0),
+        ("bloodmnist", 16, 1, 60.0), ("bloodmnist", 16, 2, 40.0), ("pathmnist", 1, 1, 50.0),
+        ("pathmnist", 1, 2, 50.0), ("bloodmnist", 1, 1, 30.0), ("bloodmnist", 1, 2, 30.0)]])
+    m = fewshot_metrics(df, ["coop"], ["pathmnist", "bloodmnist"])
+    assert list(m["coop"]) == ["k1", "k16"]
+    assert m["coop"]["k16"]["pathmnist"]["accuracy"] == {"mean": 85.0, "std": 5.0}  # population std
+    # average: per seed (80+60)/2=70 and (90+40)/2=65 -> mean 67.5, std 2.5
+    assert m["coop"]["k16"]["average"]["accuracy"] == {"mean": 67.5, "std": 2.5}
+    assert m["coop"]["k16"]["average"]["ece"] == {"mean": 5.0, "std": 0.0}
+    curve = fewshot_curve(df)
+    assert curve.to_dict("records") == [{"method": "coop", "shots": 1, "accuracy": 40.0, "std": 0.0},
+                                        {"method": "coop", "shots": 16, "accuracy": 67.5, "std": 2.5}]
+
+
+def test_base2new_harmonic_mean_and_not_applicable_novel():
+    rows = []
+    for s, (b, n) in {1: (80.0, 40.0), 2: (60.0, 60.0)}.items():
+        rows += [("coop", "base2new", "pathmnist", "pathmnist", 16, s, "base", 5, b),
+                 ("coop", "base2new", "pathmnist", "pathmnist", 16, s, "novel", 4, n),
+                 ("linear_probe", "base2new", "pathmnist", "pathmnist", 16, s, "base", 5, 90.0)]
+    m = base2new_metrics(frame(rows))
+    hm1, hm2 = 2 * 80 * 40 / 120, 60.0
+    assert m["coop"]["pathmnist"]["hm"]["mean"] == pytest.approx((hm1 + hm2) / 2, abs=1e-4)
+    assert m["coop"]["average"]["hm"]["std"] == pytest.approx(abs(hm1 - hm2) / 2, abs=1e-4)
+    assert m["coop"]["pathmnist"]["base"]["accuracy"] == {"mean": 70.0, "std": 10.0}
+    assert set(m["linear_probe"]["pathmnist"]) == {"base"}  # no novel, no HM: not applicable
+    summary = summary_metrics({}, m, {})
+    assert set(summary["base2new"]) == {"coop"}
+
+
+def test_crossdata_off_diagonal_and_summary():
+    acc = {("pathmnist", "pathmnist"): 90.0, ("pathmnist", "bloodmnist"): 30.0,
+           ("bloodmnist", "bloodmnist"): 80.0, ("bloodmnist", "pathmnist"): 50.0}
+    rows = [("coop", "crossdata", s, t, 16, seed, "all", 3, a + seed) for (s, t), a in acc.items() for seed in (1, 2)]
+    m = crossdata_metrics(frame(rows), ["coop"], ["pathmnist", "bloodmnist"])
+    assert m["coop"]["pathmnist"]["bloodmnist"]["accuracy"] == {"mean": 31.5, "std": 0.5}
+    assert m["coop"]["pathmnist"]["off_diagonal"]["accuracy"]["mean"] == 31.5
+    assert m["coop"]["average"]["off_diagonal"]["accuracy"] == {"mean": 41.5, "std": 0.5}
+    assert m["coop"]["average"]["in_domain"]["accuracy"]["mean"] == 86.5
+    matrix = crossdata_matrix(frame(rows), ["coop"], ["pathmnist", "bloodmnist"])
+    assert list(zip(matrix.source, matrix.target, strict=True)) == [
+        ("pathmnist", "pathmnist"), ("pathmnist", "bloodmnist"), ("bloodmnist", "pathmnist"),
+        ("bloodmnist", "bloodmnist")]
+    few = fewshot_metrics(frame([("coop", "fewshot", "pathmnist", "pathmnist", k, 1, "all", 3, 10.0 * k)
+                                 for k in (1, 4, 16)]))
+    summary = summary_metrics(few, {}, m)
+    assert summary == {"fewshot": {"coop": 160.0}, "base2new": {}, "crossdata": {"coop": 41.5}}
+
+
+def test_check_finite_and_load_results(tmp_path):
+    check_finite({"a": {"b": 1.0, "c": [1]}, "d": True})
+    with pytest.raises(ValueError, match=r"metric x.y is nan"):
+        check_finite({"x": {"y": float("nan")}})
+    with pytest.raises(FileNotFoundError, match="run its train stage"):
+        load_results([tmp_path / "coop.csv"])
+    pd.DataFrame({"method": ["coop"], "accuracy": [1.0]}).to_csv(tmp_path / "coop.csv", index=False)
+    with pytest.raises(ValueError, match=r"lacks the columns \['setting'"):
+        load_results([tmp_path / "coop.csv"])
