@@ -1,0 +1,156 @@
+"""The training loop: determinism, schedule, logging, NaN stop, and learning on synthetic twins."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biovlm.data import get_dataset
+from biovlm.methods import build_method
+from biovlm.methods.base import Method
+from biovlm.train import NonFiniteLossError, dvclive_logger, fit, lr_at, predict, train_knobs
+
+INFO = get_dataset("bloodmnist")
+ATTRS = [[f"{w} granules", f"{w} nucleus"] for w in
+         ("round", "lobed", "pale", "dark", "small", "large", "smooth", "rough")]
+
+
+def features_for(d: int, n_classes: int = 8, shots: int = 4, views: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    proto = F.normalize(torch.randn(n_classes, d, generator=g), dim=-1)
+
+    def draw(labels, *extra):
+        x = proto[labels].view(len(labels), *([1] * len(extra)), d)
+        return F.normalize(x + 0.2 * torch.randn(len(labels), *extra, d, generator=g), dim=-1)
+
+    pool = torch.arange(n_classes).repeat_interleave(shots)
+    val = torch.arange(n_classes).repeat(2)
+    return SimpleNamespace(pool_labels=pool, pool_clean=draw(pool),
+                           pool_views={k: draw(pool, views) for k in ("plain", "weak", "strong")},
+                           val_features=draw(val), val_labels=val)
+
+
+CFG = {"train": {"epochs": 3, "batch_size": 8, "lr": 0.05}, "biovlm": {"bank_size": 3}}
+
+
+def test_same_seed_same_tensors_bit_for_bit(tiny_backbone):
+    feats = features_for(tiny_backbone.embed_dim)
+    runs = []
+    for seed in (7, 7, 8):
+        m = build_method("biovlm", tiny_backbone, CFG, INFO, attributes=ATTRS)
+        history = fit(m, feats, range(len(feats.pool_labels)), CFG, seed=seed)
+        runs.append((m.ctx.detach().clone(), [r["loss"] for r in history["epochs"]]))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert not torch.equal(runs[0][0], runs[2][0])
+
+
+def test_training_lowers_the_loss_and_logs_every_term():
+    from biovlm.backbone import load_backbone
+
+    # tiny-clip: random, but its text tower does not map every text to nearly one vector as random BERT does
+    backbone = load_backbone("tiny-clip")
+    feats = features_for(backbone.embed_dim)
+    cfg = {"train": {"epochs": 6, "batch_size": 8, "lr": 0.05}, "biovlm": {"bank_size": 3}}
+    m = build_method("biovlm", backbone, cfg, INFO, attributes=ATTRS)
+    logged = []
+    history = fit(m, feats, range(len(feats.pool_labels)), cfg, seed=0, log=lambda r, e: logged.append((e, r)))
+    losses = [r["loss"] for r in history["epochs"]]
+    assert losses[-1] < losses[0]
+    assert [e for e, _ in logged] == list(range(6))
+    assert {"loss", "ce", "ent", "kd", "aug", "cos", "acc", "val_acc", "lr"} <= set(logged[0][1])
+    assert history["steps"] == 6 * 4  # 32 images, batches of 8
+
+
+def test_lr_schedule_is_constant_warmup_then_cosine():
+    k = train_knobs({"train": {"epochs": 5, "lr": 0.1, "warmup_epochs": 1, "warmup_lr": 1e-5}})
+    lrs = [lr_at(e, k) for e in range(5)]
+    assert lrs[0] == 1e-5
+    assert lrs[1] == pytest.approx(0.1)
+    assert lrs[2] == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    assert lrs[1] > lrs[2] > lrs[3] > lrs[4] > 0
+    assert lr_at(0, train_knobs({"train": {"warmup_epochs": 0}})) == pytest.approx(0.002)
+
+
+def test_train_knobs_are_validated():
+    with pytest.raises(ValueError, match=r"unknown train knob\(s\) \['epoch'\]"):
+        train_knobs({"train": {"epoch": 3}})
+    with pytest.raises(ValueError, match="train.batch_size must be a positive integer"):
+        train_knobs({"train": {"batch_size": 0}})
+    with pytest.raises(ValueError, match="train.lr must be a number >= 0"):
+        train_knobs({"train": {"lr": -1}})
+    assert train_knobs(None)["epochs"] == 50
+
+
+class _Exploding(Method):
+    """Loss whose 'boom' term turns into NaN at the fourth step."""
+
+    name = "exploding"
+
+    def __init__(self, backbone, info):
+        super().__init__(backbone, {}, info, range(info.n_classes))
+        self.w = nn.Parameter(torch.zeros(backbone.embed_dim))
+        self.calls = 0
+
+    def loss(self, batch):
+        self.calls += 1
+        boom = (batch["plain"] @ self.w).mean() + (float("nan") if self.calls == 4 else 0.0)
+        return boom, {"loss": boom.item(), "ce": 0.0, "boom": boom.item(), "acc": 0.0}
+
+
+def test_nan_loss_stops_with_the_term_and_step(tiny_backbone):
+    feats = features_for(tiny_backbone.embed_dim)
+    m = _Exploding(tiny_backbone, INFO)
+    with pytest.raises(NonFiniteLossError, match=r"'boom' became nan at epoch 0, step 3"):
+        fit(m, feats, range(len(feats.pool_labels)), {"train": {"batch_size": 8}}, seed=0)
+
+
+def test_untrained_methods_skip_the_loop(tiny_backbone):
+    feats = features_for(tiny_backbone.embed_dim)
+    m = build_method("zeroshot", tiny_backbone, {}, INFO)
+    assert fit(m, feats, range(len(feats.pool_labels)), CFG, seed=0)["epochs"] == []
+
+
+def test_positions_outside_the_method_classes_are_refused(tiny_backbone):
+    feats = features_for(tiny_backbone.embed_dim)
+    m = build_method("coop", tiny_backbone, CFG, INFO, class_ids=[0, 1])
+    with pytest.raises(ValueError, match=r"training labels \[2\] are not among the method's classes \[0, 1\]"):
+        fit(m, feats, range(12), CFG, seed=0)
+
+
+def test_dvclive_logger_writes_every_number_then_steps():
+    calls = []
+    live = SimpleNamespace(log_metric=lambda k, v: calls.append((k, v)), next_step=lambda: calls.append("step"))
+    log = dvclive_logger(live, prefix="coop/s1/")
+    log({"epoch": 0, "loss": 1.5, "acc": 0.25, "note": "x"}, 0)
+    assert calls == [("coop/s1/loss", 1.5), ("coop/s1/acc", 0.25), "step"]
+
+
+def test_dvclive_logger_with_a_real_live(tmp_path, tiny_backbone):
+    from dvclive import Live
+
+    feats = features_for(tiny_backbone.embed_dim)
+    m = build_method("coop", tiny_backbone, CFG, INFO)
+    with Live(str(tmp_path / "live"), save_dvc_exp=False) as live:
+        fit(m, feats, range(len(feats.pool_labels)), CFG, seed=0, log=dvclive_logger(live))
+    tsv = (tmp_path / "live" / "plots" / "metrics" / "ce.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == ["step", "ce"] and len(tsv) == 1 + 3
+
+
+def test_predict_is_batch_size_invariant_and_matches_logits(tiny_backbone):
+    feats = features_for(tiny_backbone.embed_dim)
+    m = build_method("biovlm", tiny_backbone, CFG, INFO, attributes=ATTRS)
+    with torch.no_grad():
+        m.ctx.mul_(50)  # distinct members, so routing differs per image
+    names = list(INFO.prompt_names)
+    small = predict(m, feats.val_features, names, INFO, batch_size=3)
+    large = predict(m, feats.val_features, names, INFO)
+    assert torch.allclose(small, large, atol=1e-6)
+    with torch.no_grad():
+        expected = m.logits(feats.val_features, names, INFO).softmax(dim=-1)
+    assert torch.allclose(large, expected, atol=1e-6)
+    assert predict(m, feats.val_features[:0], names, INFO).shape == (0, INFO.n_classes)
