@@ -141,7 +141,7 @@ def test_dvclive_logger_with_a_real_live(tmp_path, tiny_backbone):
 
     feats = features_for(tiny_backbone.embed_dim)
     m = build_method("coop", tiny_backbone, CFG, INFO)
-    with Live(str(tmp_path / "live"), save_dvc_exp=False) as live:
+    with Live(str(tmp_path / "live"), save_dvc_exp=False, dvcyaml=None) as live:
         fit(m, feats, range(len(feats.pool_labels)), CFG, seed=0, log=dvclive_logger(live))
     tsv = (tmp_path / "live" / "plots" / "metrics" / "ce.tsv").read_text().splitlines()
     assert tsv[0].split("\t") == ["step", "ce"] and len(tsv) == 1 + 3
