@@ -272,6 +272,7 @@ def test_every_method_trains_predicts_and_round_trips(name, tiny_backbone):
 
     novel = [INFO.prompt_names[i] for i in range(4, 8)]
     other = get_dataset("pathmnist")
+    assert m.class_specific == (name == "linear_probe")
     if name == "linear_probe":
         with pytest.raises(NotTransferable, match="cannot classify unseen classes"):
             predict(m, feats.test_features, novel, INFO, [ATTRS[i] for i in range(4, 8)])

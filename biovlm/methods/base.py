@@ -55,14 +55,16 @@ class Method(nn.Module):
     """A classifier over cached image features for any class list.
 
     Subclasses set ``name``, ``DEFAULTS`` (every knob with its default), ``trainable`` (trained by the SGD loop
-    in ``biovlm.train``) and ``needs_attributes`` (uses the attributes of the training classes), and implement
-    ``text_head`` / ``head_logits`` (and ``loss`` when trainable).
+    in ``biovlm.train``), ``needs_attributes`` (uses the attributes of the training classes) and ``class_specific``
+    (its classifier exists only for the training classes: ``logits`` on others raises ``NotTransferable``), and
+    implement ``text_head`` / ``head_logits`` (and ``loss`` when trainable).
     """
 
     name: ClassVar[str] = ""
     DEFAULTS: ClassVar[dict] = {}
     trainable: ClassVar[bool] = True
     needs_attributes: ClassVar[bool] = False
+    class_specific: ClassVar[bool] = False  # True: cannot classify classes it was not trained on
 
     def __init__(self, backbone, knobs: dict | None, info, class_ids: Sequence[int],
                  attributes: Sequence[Sequence[str]] | None = None):

@@ -16,6 +16,7 @@ class LinearProbe(Method):
     name = "linear_probe"
     DEFAULTS = {"C": 100.0, "max_iter": 1000}
     trainable = False
+    class_specific = True
 
     def __init__(self, backbone, knobs, info, class_ids, attributes=None):
         super().__init__(backbone, knobs, info, class_ids, attributes)
