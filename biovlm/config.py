@@ -108,7 +108,8 @@ METHOD_KNOBS: dict[str, dict[str, Any]] = {
 _SECTION_RULES: dict[str, dict[str, Any]] = {
     "data": {"root": _str, "size": _choice(28, 64, 128, 224), "synthetic": lambda v: isinstance(v, bool),
              "synthetic_n": None, "synthetic_seed": _int},
-    "backbone": {"name": _str, "device": _str, "cache_dir": lambda v: v is None or isinstance(v, str)},
+    "backbone": {"name": _str, "device": _str, "cache_dir": lambda v: v is None or isinstance(v, str),
+                 "threads": lambda v: v is None or _pos_int(v)},
     "features": {"views": _pos_int, "batch_size": _pos_int, "seed": _int, "max_shots": _pos_int},
     "fewshot": {"shots": None},
     "base2new": {"shots": _pos_int},
@@ -122,7 +123,8 @@ _SECTION_RULES: dict[str, dict[str, Any]] = {
               "batch_size": _pos_int, "eval_batch_size": _pos_int},
 }
 _EXPECT_CUSTOM = {"data.size": "one of 28, 64, 128, 224", "data.synthetic": "true or false",
-                  "backbone.cache_dir": "null or a folder", "llm.model": "null (curated attributes) or a model name",
+                  "backbone.cache_dir": "null or a folder", "backbone.threads": "null or a positive integer",
+                  "llm.model": "null (curated attributes) or a model name",
                   "llm.seed": "null or an integer", "train.momentum": "a number in [0, 1)"}
 
 
@@ -385,6 +387,16 @@ def resolve_device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_device(cfg: Mapping) -> str:
+    """Apply ``backbone.threads`` and return the device ``backbone.device`` resolves to (imports torch)."""
+    import torch
+
+    threads = cfg["backbone"].get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return resolve_device(cfg["backbone"]["device"])
 
 
 def describe_profile(cfg: Mapping) -> str:

@@ -19,8 +19,8 @@ from biovlm.config import (
     RESULTS_DIR,
     describe_profile,
     load_config,
-    resolve_device,
     stage_main,
+    torch_device,
 )
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
 
     inputs = load_inputs(cfg, args.features, args.filtered)  # every input checked before any training
     b = cfg["backbone"]
-    backbone = load_backbone(b["name"], device=resolve_device(b["device"]), cache_dir=b["cache_dir"])
+    backbone = load_backbone(b["name"], device=torch_device(cfg), cache_dir=b["cache_dir"])
     print(f"  inputs and backbone ready in {time.perf_counter() - t0:.1f} s on {backbone.device}")
 
     live, log = None, None
