@@ -145,16 +145,27 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
                 datasets: Sequence[str] | None = None) -> dict[str, DatasetInputs]:
     """Load and check the feature file and filtered attributes of every dataset, before any training."""
     from biovlm.data import get_dataset
+
+    datasets = list(datasets or cfg["datasets"])
+    paths = {ds: Path(features_dir) / feature_path(ds).name for ds in datasets}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise InputError(f"feature file(s) {', '.join(missing)} missing; run the features stage first "
+                         f"(dvc repro features)")
+    if filtered_dir is not None:
+        missing = [str(Path(filtered_dir) / f"{ds}.json") for ds in datasets
+                   if not (Path(filtered_dir) / f"{ds}.json").exists()]
+        if missing:
+            raise InputError(f"filtered attribute file(s) {', '.join(missing)} missing; run the filter stage first "
+                             f"(dvc repro filter)")
+
     from biovlm.features import load_features
     from biovlm.filtering import load_filtered
 
     need_k, seeds = max(all_shots(cfg)), list(cfg["seeds"])
     inputs = {}
-    for ds in datasets or cfg["datasets"]:
-        info = get_dataset(ds)
-        path = Path(features_dir) / feature_path(ds).name
-        if not path.exists():
-            raise InputError(f"feature file {path} is missing; run the features stage first (dvc repro features)")
+    for ds in datasets:
+        info, path = get_dataset(ds), paths[ds]
         try:
             feats = load_features(path, expect=expected_feature_meta(cfg, ds))
         except (ValueError, KeyError) as e:
@@ -169,9 +180,6 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
         attributes, digest = None, file_digest(path)
         if filtered_dir is not None:
             fpath = Path(filtered_dir) / f"{ds}.json"
-            if not fpath.exists():
-                raise InputError(f"filtered attribute file {fpath} is missing; run the filter stage first "
-                                 f"(dvc repro filter)")
             attributes = load_filtered(fpath)
             if len(attributes) != info.n_classes:
                 raise InputError(f"{fpath} holds attributes for {len(attributes)} classes, {ds} has "
@@ -182,9 +190,11 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def _class_specific(method) -> bool:
-    """Methods whose classifier is tied to the training classes (cannot score unseen classes)."""
-    return bool(getattr(method, "class_specific", method.name == "linear_probe"))
+def class_specific(method_name: str) -> bool:
+    """Methods whose classifier is tied to the training classes (the linear probe): no novel classes, no transfer."""
+    from biovlm.methods import METHODS
+
+    return bool(METHODS[method_name].class_specific)
 
 
 def evaluate_part(method, data: DatasetInputs, class_ids: Sequence[int], batch_size: int = 1024,
@@ -240,7 +250,7 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
     rows = []
     for part, ids in parts:
         unseen = part == "novel"
-        if unseen and _class_specific(method):
+        if unseen and class_specific(method_name):
             continue  # not applicable: reported as absent
         try:
             metrics = evaluate_part(method, data, ids, batch, trivial=len(ids) == 1)
@@ -256,11 +266,11 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
     cannot classify other classes)."""
     from biovlm.methods import NotTransferable, build_method
 
+    if class_specific(method_name):
+        return []
     src = inputs[source]
     method = build_method(method_name, backbone, dict(cfg), src.info, attributes=src.attributes)
     method.load_checkpoint(saved["checkpoint"])
-    if _class_specific(method):
-        return []
     rows = []
     batch = cfg["train"].get("eval_batch_size", 1024)
     for target, data in inputs.items():

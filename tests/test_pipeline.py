@@ -1,0 +1,252 @@
+"""The train-stage orchestration (plans, resuming, not-applicable results, input checks) and, marked slow, the
+whole DVC pipeline run through the real ``dvc`` command in a copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from biovlm import runs
+from biovlm.config import load_config
+from biovlm.data import get_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS3 = ["breastmnist", "bloodmnist", "organamnist"]  # 2, 8 and 11 classes
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run many small ops, which a second thread only slows down."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_config(**overrides) -> dict:
+    base = {"profile": "demo", "datasets": DATASETS3, "seeds": [1, 2], "fewshot.shots": [1, 4],
+            "base2new.shots": 4, "crossdata.shots": 4, "features.max_shots": 4, "train.epochs": 2,
+            "train.batch_size": 8, "biovlm.bank_size": 3}
+    base.update(overrides)
+    return load_config(ROOT / "params.yaml", base)
+
+
+def fake_inputs(dataset: str, dim: int, max_shots: int = 4, n_test: int = 33, seed: int = 0) -> runs.DatasetInputs:
+    """A FeatureSet stand-in with class-clustered features (what the train loop and runs read)."""
+    import torch
+    import torch.nn.functional as F
+
+    info = get_dataset(dataset)
+    c = info.n_classes
+    g = torch.Generator().manual_seed(seed)
+    proto = F.normalize(torch.randn(c, dim, generator=g), dim=-1)
+
+    def draw(labels, *extra):
+        x = proto[labels].view(len(labels), *([1] * len(extra)), dim)
+        return F.normalize(x + 0.3 * torch.randn(len(labels), *extra, dim, generator=g), dim=-1)
+
+    pool = torch.arange(c).repeat_interleave(max_shots)
+
+    def shots(seed: int, k: int, classes=None) -> np.ndarray:
+        classes = range(c) if classes is None else classes
+        return np.sort(np.concatenate([np.flatnonzero(pool.numpy() == cl)[:k] for cl in classes]))
+
+    test = torch.arange(c).repeat(n_test // c + 1)[:n_test]
+    val = torch.arange(c).repeat(2)
+    feats = SimpleNamespace(meta={}, pool_labels=pool, pool_clean=draw(pool),
+                            pool_views={k: draw(pool, 2) for k in ("plain", "weak", "strong")},
+                            val_features=draw(val), val_labels=val, test_features=draw(test), test_labels=test,
+                            shots=shots)
+    attributes = [[f"{w} texture", f"{w} outline"] for w in
+                  ("round", "lobed", "pale", "dark", "small", "large", "smooth", "rough", "thin", "thick", "bright")]
+    return runs.DatasetInputs(info, feats, attributes[:c], f"digest-{dataset}-{seed}")
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_backbone):
+    return {ds: fake_inputs(ds, tiny_backbone.embed_dim) for ds in DATASETS3}
+
+
+def test_plan_covers_every_setting_once():
+    cfg = small_config()
+    plan = runs.plan_runs(cfg)
+    fewshot = [r for r in plan if r.setting == "fewshot"]
+    assert len(fewshot) == 3 * 2 * 2 and len(plan) == len(set(plan)) == 12 + 3 * 2
+    assert plan[0] == runs.Run("fewshot", "breastmnist", 1, 1) and plan[0].name == "fewshot/breastmnist/k1_seed1"
+    # crossdata needs K=16 fewshot checkpoints even when fewshot trains other K or is not selected
+    cfg = small_config(**{"settings": ["crossdata"], "crossdata.sources": ["bloodmnist"]})
+    assert runs.plan_runs(cfg) == [runs.Run("fewshot", "bloodmnist", 4, s) for s in (1, 2)]
+
+
+def test_runs_resume_and_only_redo_what_changed(tiny_backbone, inputs, tmp_path, monkeypatch):
+    cfg = small_config(settings=["fewshot", "base2new"])
+    calls = []
+    real = runs.train_and_evaluate
+
+    def counting(method, cfg, backbone, data, run, log=None):
+        calls.append(run)
+        if len(calls) == 3 and os.environ.get("_INTERRUPT"):
+            raise KeyboardInterrupt  # the stage is killed during the third run
+        return real(method, cfg, backbone, data, run, log)
+
+    monkeypatch.setattr(runs, "train_and_evaluate", counting)
+    monkeypatch.setenv("_INTERRUPT", "1")
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_method("coop", cfg, tiny_backbone, inputs, tmp_path, echo=lambda s: None)
+    saved = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pt"))
+    assert saved == ["fewshot/breastmnist/k1_seed1.pt", "fewshot/breastmnist/k1_seed2.pt"]
+    assert not list(tmp_path.rglob("*.tmp"))  # nothing half-written
+
+    monkeypatch.delenv("_INTERRUPT")
+    calls.clear()
+    first = runs.run_method("coop", cfg, tiny_backbone, inputs, tmp_path, echo=lambda s: None)
+    plan = runs.plan_runs(cfg)
+    assert calls == plan[2:]  # resumed: the two finished runs were not redone
+    calls.clear()
+    again = runs.run_method("coop", cfg, tiny_backbone, inputs, tmp_path, echo=lambda s: None)
+    assert calls == [] and again.equals(first)
+
+    # a changed knob redoes every run of the method; fewer shot counts prune the stale files
+    cfg2 = small_config(**{"settings": ["fewshot", "base2new"], "fewshot.shots": [4], "coop.n_ctx": 2})
+    runs.run_method("coop", cfg2, tiny_backbone, inputs, tmp_path, echo=lambda s: None)
+    assert calls == runs.plan_runs(cfg2)
+    assert not list(tmp_path.rglob("k1_seed*.pt"))
+    # changed inputs of one dataset redo only that dataset's runs
+    calls.clear()
+    changed = {**inputs, "bloodmnist": fake_inputs("bloodmnist", tiny_backbone.embed_dim, seed=1)}
+    runs.run_method("coop", cfg2, tiny_backbone, changed, tmp_path, echo=lambda s: None)
+    assert calls and {r.dataset for r in calls} == {"bloodmnist"}
+
+
+def test_results_rows_of_every_setting(tiny_backbone, inputs, tmp_path):
+    cfg = small_config()
+    df = runs.run_method("biovlm", cfg, tiny_backbone, inputs, tmp_path / "biovlm", echo=lambda s: None)
+    counts = df.groupby(["setting", "part"]).size().to_dict()
+    assert counts == {("fewshot", "all"): 12, ("base2new", "base"): 6, ("base2new", "novel"): 6,
+                      ("crossdata", "all"): 3 * 3 * 2}
+    assert list(df.columns) == list(runs.RESULT_COLUMNS)
+    # two classes: base and novel hold one class each: trivially 100 %, AUC undefined, nothing trained
+    trivial = df[(df.setting == "base2new") & (df.target == "breastmnist")]
+    assert (trivial.accuracy == 100.0).all() and (trivial.n_classes == 1).all() and trivial.auc.isna().all()
+    other = df[(df.setting == "base2new") & (df.target == "organamnist")]
+    assert set(other.n_classes) == {6, 5} and set(other.n) == {18, 15}
+    # the crossdata diagonal is the few-shot result of the same checkpoint
+    diag = df[(df.setting == "crossdata") & (df.source == df.target)].set_index(["target", "seed"]).accuracy
+    few = df[(df.setting == "fewshot") & (df.shots == 4)].set_index(["target", "seed"]).accuracy
+    assert diag.sort_index().equals(few.sort_index())
+    finite = df.drop(columns="auc").select_dtypes("number").to_numpy()
+    assert np.isfinite(finite).all()
+
+
+def test_linear_probe_is_not_applicable_to_unseen_classes(tiny_backbone, inputs, tmp_path):
+    df = runs.run_method("linear_probe", small_config(), tiny_backbone, inputs, tmp_path, echo=lambda s: None)
+    assert set(df.setting) == {"fewshot", "base2new"} and set(df.part) == {"all", "base"}
+    assert len(df[df.setting == "base2new"]) == 6
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot save")
+
+    target = tmp_path / "run.pt"
+    with pytest.raises(RuntimeError):
+        runs.atomic_save({"x": Unpicklable()}, target)
+    assert list(tmp_path.iterdir()) == []
+    runs.atomic_save({"hash": "h", "rows": []}, target)
+    assert runs.load_if_current(target, "h") == {"hash": "h", "rows": []}
+    assert runs.load_if_current(target, "other") is None
+    target.write_bytes(b"garbage")
+    assert runs.load_if_current(target, "h") is None
+
+
+def test_missing_inputs_fail_before_training(tmp_path):
+    cfg = small_config()
+    expected = r"breastmnist.safetensors, .*organamnist.safetensors missing; run the features stage first"
+    with pytest.raises(runs.InputError, match=expected):
+        runs.load_inputs(cfg, tmp_path / "features", tmp_path / "filtered")
+    (tmp_path / "features").mkdir()
+    for ds in DATASETS3:
+        (tmp_path / "features" / f"{ds}.safetensors").write_bytes(b"")
+    with pytest.raises(runs.InputError, match=r"filtered/breastmnist.json, .* missing; run the filter stage"):
+        runs.load_inputs(cfg, tmp_path / "features", tmp_path / "filtered")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def _dvc(args: list[str], cwd: Path, timeout: int = 900) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _git(args: list[str], cwd: Path) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+@pytest.mark.slow
+def test_dvc_pipeline_end_to_end(tmp_path):
+    """Copy the repository, run the demo pipeline (smaller: 4 datasets, 1 seed, tiny backbone) through the real
+    `dvc`, check every metrics file and the report, then `dvc exp run -S` one knob and see `dvc metrics diff`."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    repo = tmp_path / "repo"
+    for rel in filter(None, files.decode().split("\0")):
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    _git(["init", "-q"], repo)
+    _git(["add", "-A"], repo)
+    _git(["commit", "-qm", "copy"], repo)
+    if not (repo / ".dvc").exists():
+        _dvc(["init", "-q"], repo)
+
+    small = ["-S", "profile=demo", "-S", "datasets=[breastmnist,bloodmnist,pneumoniamnist,organamnist]",
+             "-S", "seeds=[1]", "-S", "profiles.demo.seeds=[1]", "-S", "profiles.demo.fewshot.shots=[1,16]",
+             "-S", "profiles.demo.backbone.name=tiny", "-S", "profiles.demo.train.epochs=2",
+             "-S", "methods=[zeroshot,coop,linear_probe,biovlm]", "-S", "backbone.threads=1"]
+    _dvc(["exp", "run", *small], repo)
+    metrics = repo / "metrics"
+    for name in ("summary", "fewshot", "base2new", "crossdata"):
+        values = json.loads((metrics / f"{name}.json").read_text())
+        numbers = list(_numbers(values))
+        assert numbers and all(math.isfinite(v) for v in numbers), name
+    summary = json.loads((metrics / "summary.json").read_text())
+    assert set(summary) == {"fewshot", "base2new", "crossdata"}
+    assert set(summary["fewshot"]) == {"zeroshot", "coop", "linear_probe", "biovlm"}
+    assert "linear_probe" not in summary["crossdata"] and "linear_probe" not in summary["base2new"]
+    assert (metrics / "plots" / "fewshot_curve.csv").exists() and (metrics / "plots" / "crossdata.csv").exists()
+    md = (repo / "report" / "report.md").read_text()
+    assert "| **Average** |" in md and "nan" not in md.lower()
+    assert (repo / "report" / "tables.tex").exists() and (repo / "report" / "figures" / "fewshot_average.png").exists()
+    assert "stages" not in (repo / "dvc.yaml").read_text().split("plots:")[-1]  # nothing rewrote dvc.yaml
+
+    # commit the result, change one knob: only train@biovlm, evaluate and report rerun; metrics diff shows it
+    _git(["add", "-A"], repo)
+    _git(["commit", "-qm", "demo results"], repo)
+    out = _dvc(["exp", "run", "-S", "biovlm.select_ratio=1.0"], repo)
+    assert "train@biovlm" in out and "train@coop" not in out.replace("Stage 'train@coop' didn't change", "")
+    diff = _dvc(["metrics", "diff", "--json"], repo)
+    changed = json.loads(diff)
+    assert any("biovlm" in key for path in changed.values() for key in path), diff[:2000]
