@@ -11,14 +11,8 @@ import json
 import logging
 from pathlib import Path
 
-from biovlm.attributes import (
-    AttributeQueryError,
-    AttributeResponseError,
-    CacheEntryError,
-    MissingAPIKeyError,
-    build_records,
-)
-from biovlm.config import ATTRIBUTES_DIR, describe_profile, load_config
+from biovlm.attributes import build_records
+from biovlm.config import ATTRIBUTES_DIR, describe_profile, load_config, stage_main
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,10 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.params)
     llm = cfg["llm"]
     print(f"attributes: {describe_profile(cfg)}; source: {llm['model'] or 'curated'}")
-    try:
-        records = build_records(cfg["datasets"], llm)
-    except (MissingAPIKeyError, AttributeQueryError, AttributeResponseError, CacheEntryError) as e:
-        raise SystemExit(f"attributes stage failed: {e}") from None
+    records = build_records(cfg["datasets"], llm)  # every error is a ValueError/RuntimeError: see stage_main
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for ds, rec in records.items():
@@ -42,4 +33,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("attributes", main)

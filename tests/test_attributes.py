@@ -393,6 +393,6 @@ def test_stage_writes_curated_records_offline(tmp_path):
 def test_stage_without_key_fails_once_with_the_missing_list(tmp_path):
     proc = run_stage(tmp_path, {"model": "some-model", "cache_dir": str(tmp_path / "cache")})
     assert proc.returncode != 0
-    assert "attributes stage failed" in proc.stderr and "78 of 78" in proc.stderr
+    assert "attributes: error:" in proc.stderr and "78 of 78" in proc.stderr
     assert "organsmnist[10] 'spleen'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
