@@ -190,6 +190,33 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
 
 
 # ---------------------------------------------------------------------------------------------- one run
+def is_static(method_name: str) -> bool:
+    """Methods that learn nothing from the shots (zero-shot): their predictions do not depend on K, the seed or
+    the cross-dataset source, so each dataset is evaluated once per class list and the rows are reused."""
+    from biovlm.methods import METHODS
+    from biovlm.methods.base import Method
+
+    cls = METHODS[method_name]
+    return not cls.trainable and cls.setup is Method.setup
+
+
+def share_text_features(backbone) -> None:
+    """Memoise ``backbone.encode_texts`` for this process: constant texts (templates, attributes) are then
+    encoded once per process instead of once per run (every run builds a fresh method with its own cache)."""
+    if getattr(backbone, "_biovlm_shared_texts", False):
+        return
+    encode, memo = backbone.encode_texts, {}
+
+    def encode_texts(texts, batch_size: int = 256):
+        key = tuple(texts)
+        if key not in memo:
+            memo[key] = encode(list(texts), batch_size)
+        return memo[key].clone()
+
+    backbone.encode_texts = encode_texts
+    backbone._biovlm_shared_texts = True
+
+
 def class_specific(method_name: str) -> bool:
     """Methods whose classifier is tied to the training classes (the linear probe): no novel classes, no transfer."""
     from biovlm.methods import METHODS
@@ -226,8 +253,9 @@ def _row(method: str, setting: str, source: str, target: str, run: Run, part: st
 
 
 def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetInputs, run: Run,
-                       log: Callable[[dict, int], None] | None = None) -> dict:
-    """Train one run and evaluate it; returns {"checkpoint", "history", "rows"}."""
+                       log: Callable[[dict, int], None] | None = None, memo: dict | None = None) -> dict:
+    """Train one run and evaluate it; returns {"checkpoint", "history", "rows"}. ``memo`` (a dict kept across
+    the runs of a static method) reuses evaluations that cannot differ between runs."""
     from biovlm.data import base_novel_split
     from biovlm.methods import NotTransferable, build_method
     from biovlm.train import fit
@@ -252,16 +280,22 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
         unseen = part == "novel"
         if unseen and class_specific(method_name):
             continue  # not applicable: reported as absent
+        key = (run.dataset, tuple(ids))
         try:
-            metrics = evaluate_part(method, data, ids, batch, trivial=len(ids) == 1)
+            if memo is not None and key in memo:
+                metrics = memo[key]
+            else:
+                metrics = evaluate_part(method, data, ids, batch, trivial=len(ids) == 1)
         except NotTransferable:
             continue
+        if memo is not None:
+            memo[key] = metrics
         rows.append(_row(method_name, run.setting, run.dataset, run.dataset, run, part, metrics))
     return {"checkpoint": method.checkpoint(), "history": history, "rows": rows}
 
 
 def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source: str, run: Run,
-                   inputs: Mapping[str, DatasetInputs]) -> list[dict]:
+                   inputs: Mapping[str, DatasetInputs], memo: dict | None = None) -> list[dict]:
     """Rows of the few-shot checkpoint ``saved`` of ``source`` tested on every other dataset ([] if the method
     cannot classify other classes)."""
     from biovlm.methods import NotTransferable, build_method
@@ -277,10 +311,16 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
         if target == source:  # in-domain diagonal: the few-shot run's own test result
             rows += [{**r, "setting": "crossdata"} for r in saved["rows"] if r["part"] == "all"]
             continue
+        ids = list(range(data.info.n_classes))
         try:
-            metrics = evaluate_part(method, data, list(range(data.info.n_classes)), batch)
+            if memo is not None and (target, tuple(ids)) in memo:
+                metrics = memo[(target, tuple(ids))]
+            else:
+                metrics = evaluate_part(method, data, ids, batch)
         except NotTransferable:
             return []
+        if memo is not None:
+            memo[(target, tuple(ids))] = metrics
         rows.append(_row(method_name, "crossdata", source, target, run, "all", metrics))
     return rows
 
@@ -290,6 +330,8 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
                log: RunLog | None = None, echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Execute (or reuse) every run of ``method_name``; return the rows of the selected settings."""
     out_dir = Path(out_dir)
+    share_text_features(backbone)
+    memo = {} if is_static(method_name) else None
     code = code_digest()
     runs = plan_runs(cfg)
     saved: dict[Run, dict] = {}
@@ -304,7 +346,7 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
         t0 = time.perf_counter()
         if state is None:
             run_log = (lambda record, epoch, _name=run.name: log(_name, record, epoch)) if log else None
-            state = train_and_evaluate(method_name, cfg, backbone, inputs[run.dataset], run, run_log)
+            state = train_and_evaluate(method_name, cfg, backbone, inputs[run.dataset], run, run_log, memo)
             state.update(hash=hashes[run], run=asdict(run), method=method_name)
             atomic_save(state, path)
             trained += 1
@@ -327,8 +369,8 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
                 expected = hashlib.sha256(f"{hashes[run]}:{all_inputs}:{list(inputs)}".encode()).hexdigest()
                 state = load_if_current(path, expected)
                 if state is None:
-                    state = {"hash": expected, "rows": cross_evaluate(method_name, cfg, backbone, saved[run],
-                                                                       source, run, inputs)}
+                    rows_ = cross_evaluate(method_name, cfg, backbone, saved[run], source, run, inputs, memo)
+                    state = {"hash": expected, "rows": rows_}
                     atomic_save(state, path)
                 rows += state["rows"]
         echo(f"{method_name} crossdata: {sum(r['setting'] == 'crossdata' for r in rows)} rows")

@@ -94,11 +94,11 @@ def test_runs_resume_and_only_redo_what_changed(tiny_backbone, inputs, tmp_path,
     calls = []
     real = runs.train_and_evaluate
 
-    def counting(method, cfg, backbone, data, run, log=None):
+    def counting(method, cfg, backbone, data, run, log=None, memo=None):
         calls.append(run)
         if len(calls) == 3 and os.environ.get("_INTERRUPT"):
             raise KeyboardInterrupt  # the stage is killed during the third run
-        return real(method, cfg, backbone, data, run, log)
+        return real(method, cfg, backbone, data, run, log, memo)
 
     monkeypatch.setattr(runs, "train_and_evaluate", counting)
     monkeypatch.setenv("_INTERRUPT", "1")
