@@ -1,0 +1,176 @@
+"""Frozen image features of one dataset, computed once and cached in one safetensors file.
+
+Prompt learning only trains text-side tensors, so the image tower runs exactly once per image and view:
+
+- ``test``: every test image (shared by every method, seed, shot count and setting);
+- ``val``: the validation shots (union over seeds of ``min(max_shots, 4)`` per class);
+- the few-shot ``pool``: the union over seeds of the nested ``max_shots``-shot training sets, once without
+  augmentation (``pool_clean``) and under ``views`` augmented views per family: ``plain`` (random resized crop +
+  flip: the training transform), ``weak`` (flip) and ``strong`` (flip + colour jitter + Gaussian blur).
+
+Images go uint8 -> [0, 1] -> bicubic resize to the tower's input size -> augmentation -> the backbone's mean/std.
+Colour jitter works on [0, 1] images, so it runs before normalisation (the public reference applies it after
+normalisation, which corrupts the strong view). Test images stream through the data layer's memory-mapped batches,
+so memory stays bounded whatever the split size. Every value in the file's metadata is JSON; ``load_features``
+refuses a file made for another backbone, image size or view count instead of mixing features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from biovlm import data
+
+FORMAT_VERSION = 1
+FAMILIES = ("plain", "weak", "strong")
+CROP_SCALE = (0.5, 1.0)  # random resized crop keeps at least half the image: MedMNIST images are tight crops already
+
+
+@dataclass
+class FeatureSet:
+    """The cached features of one dataset (float32 tensors on the CPU)."""
+
+    meta: dict
+    test_features: torch.Tensor
+    test_labels: torch.Tensor
+    val_features: torch.Tensor
+    val_labels: torch.Tensor
+    train_labels: np.ndarray
+    pool_indices: np.ndarray
+    pool_labels: torch.Tensor
+    pool_clean: torch.Tensor
+    pool_views: dict[str, torch.Tensor]
+
+    def shots(self, seed: int, k: int, classes: Sequence[int] | None = None) -> np.ndarray:
+        """Pool positions of the ``k``-shot training set of ``seed`` (optionally only the given label ids)."""
+        if seed not in self.meta["seeds"] or k > self.meta["max_shots"]:
+            raise ValueError(
+                f"{self.meta['dataset']} features hold shots for seeds {self.meta['seeds']} up to "
+                f"K={self.meta['max_shots']}, not seed {seed} with K={k}; rerun the features stage with them"
+            )
+        chosen = data.few_shot_indices(self.train_labels, k, seed)
+        if classes is not None:
+            chosen = chosen[np.isin(self.train_labels[chosen], np.asarray(classes))]
+        positions = np.searchsorted(self.pool_indices, chosen)
+        assert np.array_equal(self.pool_indices[positions], chosen), "few-shot set outside the cached pool"
+        return positions
+
+
+def _augmenters(size: int) -> dict:
+    """The three view families, with kornia drawing each image's parameters independently in one batched call."""
+    import kornia.augmentation as K
+
+    blur_kernel = max(3, (size // 10) | 1)  # odd, about a tenth of the image
+    return {
+        "plain": torch.nn.Sequential(K.RandomResizedCrop((size, size), scale=CROP_SCALE), K.RandomHorizontalFlip()),
+        "weak": K.RandomHorizontalFlip(),
+        "strong": torch.nn.Sequential(K.RandomHorizontalFlip(), K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=1.0),
+                                      K.RandomGaussianBlur((blur_kernel, blur_kernel), (0.1, 2.0), p=1.0)),
+    }
+
+
+def _augment(images: torch.Tensor, transform, seed: int, batch_size: int) -> torch.Tensor:
+    """Augment [0, 1] images reproducibly for ``seed`` (each image its own random parameters)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.cat([transform(images[i : i + batch_size]).clamp(0, 1)
+                          for i in range(0, len(images), batch_size)])
+
+
+def _encode(backbone, unit_images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    out = [backbone.encode_images(backbone.normalize(unit_images[i : i + batch_size])).cpu()
+           for i in range(0, len(unit_images), batch_size)]
+    return torch.cat(out)
+
+
+def _union(indices: Sequence[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate(indices)).astype(np.int64)
+
+
+def extract_features(dataset: str, backbone, *, root: str | Path, size: int, views: int, seeds: Sequence[int],
+                     max_shots: int = 16, batch_size: int = 64, out: str | Path, seed: int = 0) -> Path:
+    """Compute and store the features of ``dataset`` (see the module docstring); returns ``out``."""
+    from safetensors.torch import save_file
+
+    info = data.get_dataset(dataset)
+    if views < 1:
+        raise ValueError(f"features.views must be at least 1, got {views}")
+    seeds = [int(s) for s in seeds]
+    train_images, train_labels = data.load_split(dataset, "train", size, root)
+    val_images, val_labels = data.load_split(dataset, "val", size, root)
+    pool = _union([data.few_shot_indices(train_labels, max_shots, s) for s in seeds])  # checks class counts first
+    val = _union([data.val_shot_indices(val_labels, max_shots, s) for s in seeds])
+
+    test_images, test_labels = data.load_split(dataset, "test", size, root)
+    test = torch.empty(len(test_images), backbone.embed_dim, dtype=torch.float16)
+    for start, batch in tqdm(data.iter_batches(test_images, batch_size), desc=f"{dataset} test",
+                             total=-(-len(test_images) // batch_size), leave=False):
+        test[start : start + len(batch)] = backbone.encode_images(backbone.prepare_images(batch)).cpu().half()
+
+    val_features = _encode(backbone, backbone.resize(backbone.images_to_unit(val_images[val])), batch_size)
+    pool_unit = backbone.resize(backbone.images_to_unit(train_images[pool])).cpu()
+    tensors = {
+        "test_features": test, "test_labels": torch.from_numpy(test_labels),
+        "val_features": val_features, "val_labels": torch.from_numpy(val_labels[val]),
+        "val_indices": torch.from_numpy(val), "train_labels": torch.from_numpy(train_labels),
+        "pool_indices": torch.from_numpy(pool), "pool_labels": torch.from_numpy(train_labels[pool]),
+        "pool_clean": _encode(backbone, pool_unit, batch_size),
+    }
+    for f, (family, transform) in enumerate(_augmenters(backbone.image_size).items()):
+        per_view = []
+        for v in tqdm(range(views), desc=f"{dataset} {family} views", leave=False):
+            augmented = _augment(pool_unit, transform, seed * 100_003 + f * 1_009 + v, batch_size)
+            per_view.append(_encode(backbone, augmented, batch_size))
+        tensors[f"pool_{family}"] = torch.stack(per_view, dim=1).half()  # [P, V, D]
+
+    meta = {"format": FORMAT_VERSION, "dataset": dataset, "backbone": backbone.name, "size": size, "views": views,
+            "seeds": seeds, "max_shots": max_shots, "embed_dim": backbone.embed_dim, "n_classes": info.n_classes,
+            "seed": seed}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, out)  # an interrupted run never leaves a half-written feature file
+    return out
+
+
+def read_meta(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def load_features(path: str | Path, expect: dict | None = None) -> FeatureSet:
+    """Load a feature file, refusing one whose metadata differs from ``expect`` (key by key)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"feature file {path} is missing; run the features stage (dvc repro features)")
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} has feature format {meta.get('format')}, this code reads {FORMAT_VERSION}; "
+                         f"rerun the features stage")
+    for key, wanted in (expect or {}).items():
+        if meta.get(key) != wanted:
+            raise ValueError(f"{path} was made with {key}={meta.get(key)!r}, but {key}={wanted!r} is asked for; "
+                             f"rerun the features stage so features are never mixed")
+    t = load_file(str(path))
+    return FeatureSet(
+        meta=meta,
+        test_features=t["test_features"].float(), test_labels=t["test_labels"].long(),
+        val_features=t["val_features"].float(), val_labels=t["val_labels"].long(),
+        train_labels=t["train_labels"].numpy(), pool_indices=t["pool_indices"].numpy(),
+        pool_labels=t["pool_labels"].long(), pool_clean=t["pool_clean"].float(),
+        pool_views={f: t[f"pool_{f}"].float() for f in FAMILIES},
+    )
