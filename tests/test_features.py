@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from biovlm.data import few_shot_indices, load_split
+from biovlm.features import extract_features, load_features, read_meta
+
+
+@pytest.fixture(scope="module")
+def feature_file(synthetic_root, tiny_backbone, tmp_path_factory):
+    out = tmp_path_factory.mktemp("features") / "bloodmnist.safetensors"
+    return extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=2, seeds=[1, 2],
+                            max_shots=4, batch_size=50, out=out, seed=0)
+
+
+def test_file_holds_every_part_with_the_right_shapes(feature_file, synthetic_root, tiny_backbone):
+    fs = load_features(feature_file)
+    d = tiny_backbone.embed_dim
+    _, train_labels = load_split("bloodmnist", "train", 28, synthetic_root)
+    pool = np.union1d(few_shot_indices(train_labels, 4, 1), few_shot_indices(train_labels, 4, 2))
+    assert fs.test_features.shape == (88, d) and fs.test_labels.shape == (88,)
+    assert fs.val_features.shape == (len(fs.val_labels), d) and np.bincount(fs.val_labels).min() >= 4
+    assert np.array_equal(fs.pool_indices, pool)
+    assert fs.pool_clean.shape == (len(pool), d)
+    assert {k: tuple(v.shape) for k, v in fs.pool_views.items()} == {f: (len(pool), 2, d) for f in
+                                                                      ("plain", "weak", "strong")}
+    assert torch.allclose(fs.pool_clean.norm(dim=-1), torch.ones(len(pool)), atol=1e-3)
+    assert fs.meta == {"format": 1, "dataset": "bloodmnist", "backbone": "tiny", "size": 28, "views": 2,
+                       "seeds": [1, 2], "max_shots": 4, "embed_dim": d, "n_classes": 8, "seed": 0}
+
+
+def test_cached_features_equal_direct_computation(feature_file, synthetic_root, tiny_backbone):
+    fs = load_features(feature_file)
+    images, labels = load_split("bloodmnist", "test", 28, synthetic_root)
+    direct = tiny_backbone.encode_images(tiny_backbone.prepare_images(images[:20]))
+    torch.testing.assert_close(fs.test_features[:20], direct, atol=2e-3, rtol=0)  # stored as float16
+    assert np.array_equal(fs.test_labels.numpy(), labels)
+    train_images, _ = load_split("bloodmnist", "train", 28, synthetic_root)
+    clean = tiny_backbone.encode_images(tiny_backbone.prepare_images(train_images[fs.pool_indices[:5]]))
+    torch.testing.assert_close(fs.pool_clean[:5], clean, atol=1e-5, rtol=0)
+
+
+def test_views_are_augmented_and_reproducible(feature_file, synthetic_root, tiny_backbone, tmp_path):
+    fs = load_features(feature_file)
+    distance = {f: (v[:, 0] - fs.pool_clean).norm(dim=-1).mean().item() for f, v in fs.pool_views.items()}
+    assert 0 < distance["weak"] < distance["strong"]  # flips move features a little, jitter and blur more
+    assert not torch.equal(fs.pool_views["plain"][:, 0], fs.pool_views["plain"][:, 1])
+    again = extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=2, seeds=[1, 2],
+                             max_shots=4, batch_size=50, out=tmp_path / "again.safetensors", seed=0)
+    assert all(torch.equal(fs.pool_views[f], load_features(again).pool_views[f]) for f in fs.pool_views)
+
+
+def test_shots_map_nested_sets_into_the_pool(feature_file, synthetic_root):
+    fs = load_features(feature_file)
+    _, train_labels = load_split("bloodmnist", "train", 28, synthetic_root)
+    for seed in (1, 2):
+        for k in (1, 4):
+            positions = fs.shots(seed, k)
+            assert np.array_equal(fs.pool_indices[positions], few_shot_indices(train_labels, k, seed))
+    base = fs.shots(1, 4, classes=[0, 1, 2, 3])
+    assert fs.pool_labels[base].bincount().tolist() == [4, 4, 4, 4]
+    with pytest.raises(ValueError, match="not seed 3 with K=4; rerun the features stage"):
+        fs.shots(3, 4)
+    with pytest.raises(ValueError, match="up to K=4, not seed 1 with K=8"):
+        fs.shots(1, 8)
+
+
+@pytest.mark.parametrize(("key", "value"), [("backbone", "biomedclip"), ("size", 224), ("views", 16)])
+def test_mismatched_file_is_refused(feature_file, key, value):
+    with pytest.raises(ValueError, match=rf"made with {key}=.*but {key}={value!r} is asked for.*never mixed"):
+        load_features(feature_file, expect={key: value})
+    assert read_meta(feature_file)[key] != value
+
+
+def test_missing_file_names_the_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.safetensors is missing; run the features stage"):
+        load_features(tmp_path / "nothing.safetensors")
+
+
+def test_too_few_training_images_fail_before_encoding(synthetic_root, tiny_backbone, tmp_path):
+    with pytest.raises(ValueError, match="class 0 has only 33 examples, fewer than the 40 shots"):
+        extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=1, seeds=[1],
+                         max_shots=40, out=tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
