@@ -376,8 +376,9 @@ def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None):
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
     if env_key:
         env["OPENAI_API_KEY"] = env_key
-    return subprocess.run([sys.executable, str(root / "stages" / "attributes.py"), "--params", "params.yaml",
-                           "--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "stages.attributes", "--params", str(tmp_path / "params.yaml"),
+                           "--out", str(tmp_path / "out")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_stage_writes_curated_records_offline(tmp_path):
