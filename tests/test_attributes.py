@@ -294,7 +294,7 @@ def test_parser_rules():
         A.parse_attributes("1" * 5000, "x", 2)  # int conversion limit: a ValueError that is not JSONDecodeError
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(text=st.text(max_size=300), name=st.text(max_size=30), n=st.integers(1, 12))
 def test_parser_never_crashes_on_arbitrary_text(text, name, n):
     try:
@@ -309,7 +309,7 @@ json_values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4)
                            | st.dictionaries(st.text(max_size=5), kids, max_size=3), max_leaves=10)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(items=st.lists(st.text(max_size=150) | json_values, max_size=15), name=st.text(max_size=20),
        n=st.integers(1, 8))
 def test_parser_output_obeys_the_rules_or_raises(items, name, n):
