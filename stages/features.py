@@ -30,9 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise FileNotFoundError(f"no data in {', '.join(missing)}: run the download stages first (dvc repro)")
 
-    from biovlm.features import extract_features
-
     from biovlm.backbone import load_backbone
+    from biovlm.features import extract_features
 
     t0 = time.perf_counter()
     backbone = load_backbone(b["name"], device=torch_device(cfg), cache_dir=b["cache_dir"])
