@@ -20,7 +20,7 @@ from biovlm.config import load_config
 from biovlm.data import get_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS3 = ["breastmnist", "bloodmnist", "organamnist"]  # 2, 8 and 11 classes
+DATASETS2 = ["breastmnist", "bloodmnist"]  # 2 and 8 classes
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def _one_thread():
 
 
 def small_config(**overrides) -> dict:
-    base = {"profile": "demo", "datasets": DATASETS3, "seeds": [1, 2], "fewshot.shots": [1, 4],
+    base = {"profile": "demo", "datasets": DATASETS2, "seeds": [1, 2], "fewshot.shots": [1, 4],
             "base2new.shots": 4, "crossdata.shots": 4, "features.max_shots": 4, "train.epochs": 2,
             "train.batch_size": 8, "biovlm.bank_size": 3}
     base.update(overrides)
@@ -75,14 +75,14 @@ def fake_inputs(dataset: str, dim: int, max_shots: int = 4, n_test: int = 33, se
 
 @pytest.fixture(scope="module")
 def inputs(tiny_backbone):
-    return {ds: fake_inputs(ds, tiny_backbone.embed_dim) for ds in DATASETS3}
+    return {ds: fake_inputs(ds, tiny_backbone.embed_dim) for ds in DATASETS2}
 
 
 def test_plan_covers_every_setting_once():
     cfg = small_config()
     plan = runs.plan_runs(cfg)
     fewshot = [r for r in plan if r.setting == "fewshot"]
-    assert len(fewshot) == 3 * 2 * 2 and len(plan) == len(set(plan)) == 12 + 3 * 2
+    assert len(fewshot) == 2 * 2 * 2 and len(plan) == len(set(plan)) == 8 + 2 * 2
     assert plan[0] == runs.Run("fewshot", "breastmnist", 1, 1) and plan[0].name == "fewshot/breastmnist/k1_seed1"
     # crossdata needs K=16 fewshot checkpoints even when fewshot trains other K or is not selected
     cfg = small_config(**{"settings": ["crossdata"], "crossdata.sources": ["bloodmnist"]})
@@ -133,14 +133,14 @@ def test_results_rows_of_every_setting(tiny_backbone, inputs, tmp_path):
     cfg = small_config()
     df = runs.run_method("biovlm", cfg, tiny_backbone, inputs, tmp_path / "biovlm", echo=lambda s: None)
     counts = df.groupby(["setting", "part"]).size().to_dict()
-    assert counts == {("fewshot", "all"): 12, ("base2new", "base"): 6, ("base2new", "novel"): 6,
-                      ("crossdata", "all"): 3 * 3 * 2}
+    assert counts == {("fewshot", "all"): 8, ("base2new", "base"): 4, ("base2new", "novel"): 4,
+                      ("crossdata", "all"): 2 * 2 * 2}
     assert list(df.columns) == list(runs.RESULT_COLUMNS)
     # two classes: base and novel hold one class each: trivially 100 %, AUC undefined, nothing trained
     trivial = df[(df.setting == "base2new") & (df.target == "breastmnist")]
     assert (trivial.accuracy == 100.0).all() and (trivial.n_classes == 1).all() and trivial.auc.isna().all()
-    other = df[(df.setting == "base2new") & (df.target == "organamnist")]
-    assert set(other.n_classes) == {6, 5} and set(other.n) == {18, 15}
+    other = df[(df.setting == "base2new") & (df.target == "bloodmnist")]
+    assert set(other.n_classes) == {4} and set(other.n) == {17, 16}
     # the crossdata diagonal is the few-shot result of the same checkpoint
     diag = df[(df.setting == "crossdata") & (df.source == df.target)].set_index(["target", "seed"]).accuracy
     few = df[(df.setting == "fewshot") & (df.shots == 4)].set_index(["target", "seed"]).accuracy
@@ -152,7 +152,7 @@ def test_results_rows_of_every_setting(tiny_backbone, inputs, tmp_path):
 def test_linear_probe_is_not_applicable_to_unseen_classes(tiny_backbone, inputs, tmp_path):
     df = runs.run_method("linear_probe", small_config(), tiny_backbone, inputs, tmp_path, echo=lambda s: None)
     assert set(df.setting) == {"fewshot", "base2new"} and set(df.part) == {"all", "base"}
-    assert len(df[df.setting == "base2new"]) == 6
+    assert len(df[df.setting == "base2new"]) == 4
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path):
@@ -173,14 +173,38 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
 
 def test_missing_inputs_fail_before_training(tmp_path):
     cfg = small_config()
-    expected = r"breastmnist.safetensors, .*organamnist.safetensors missing; run the features stage first"
+    expected = r"breastmnist.safetensors, .*bloodmnist.safetensors missing; run the features stage first"
     with pytest.raises(runs.InputError, match=expected):
         runs.load_inputs(cfg, tmp_path / "features", tmp_path / "filtered")
     (tmp_path / "features").mkdir()
-    for ds in DATASETS3:
+    for ds in DATASETS2:
         (tmp_path / "features" / f"{ds}.safetensors").write_bytes(b"")
     with pytest.raises(runs.InputError, match=r"filtered/breastmnist.json, .* missing; run the filter stage"):
         runs.load_inputs(cfg, tmp_path / "features", tmp_path / "filtered")
+
+
+def test_mismatched_feature_files_fail_before_training(tiny_backbone, synthetic_root, tmp_path):
+    from biovlm.features import extract_features
+
+    feats, filtered = tmp_path / "features", tmp_path / "filtered"
+    filtered.mkdir()
+    for ds in ("breastmnist", "bloodmnist"):
+        extract_features(ds, tiny_backbone, root=synthetic_root, size=28, views=1, seeds=[1], max_shots=4,
+                         batch_size=128, out=feats / f"{ds}.safetensors")
+        kept = [["a", "b"]] * get_dataset(ds).n_classes
+        (filtered / f"{ds}.json").write_text(json.dumps({"kept": kept}))
+    ok = dict(datasets=DATASETS2, seeds=[1], **{"backbone.name": "tiny", "features.views": 1})
+    loaded = runs.load_inputs(small_config(**ok), feats, filtered)
+    assert loaded["bloodmnist"].features.meta["views"] == 1 and loaded["bloodmnist"].attributes[0] == ["a", "b"]
+    with pytest.raises(runs.InputError, match=r"views=1.*views=2.*rerun the features stage"):
+        runs.load_inputs(small_config(**{**ok, "features.views": 2}), feats, filtered)
+    with pytest.raises(runs.InputError, match=r"backbone='tiny'.*backbone='tiny-pretrained'"):
+        runs.load_inputs(small_config(**{**ok, "backbone.name": "tiny-pretrained"}), feats, filtered)
+    with pytest.raises(runs.InputError, match=r"seeds \[1\] up to K=4, but params.yaml asks for seeds \[1, 2\]"):
+        runs.load_inputs(small_config(**{**ok, "seeds": [1, 2]}), feats, filtered)
+    (filtered / "bloodmnist.json").write_text(json.dumps({"kept": [["a"]] * 3}))
+    with pytest.raises(runs.InputError, match=r"attributes for 3 classes, bloodmnist has 8"):
+        runs.load_inputs(small_config(**ok), feats, filtered)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
