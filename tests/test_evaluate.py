@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
 from biovlm.evaluate import (
     RESULT_COLUMNS,
     base2new_metrics,
+    binary_auc,
     check_finite,
     classification_metrics,
     crossdata_matrix,
@@ -21,6 +22,7 @@ from biovlm.evaluate import (
     fewshot_metrics,
     harmonic_mean,
     load_results,
+    macro_f1,
     one_vs_rest_auc,
     summary_metrics,
 )
@@ -50,6 +52,20 @@ def test_auc_binary_multiclass_and_absent_classes():
     expected = np.mean([roc_auc_score(labels == c, probs[:, c]) for c in (0, 1, 2)])
     assert one_vs_rest_auc(probs, labels) == pytest.approx(expected)
     assert math.isnan(one_vs_rest_auc(probs[:2], labels[:2]))  # one class present: undefined
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_auc_and_f1_equal_sklearn(seed):
+    """The numpy AUC (ranks, ties averaged) and macro-F1 give sklearn's numbers, absent classes included."""
+    rng = np.random.default_rng(seed)
+    n_classes = int(rng.integers(2, 9))
+    labels = rng.integers(0, n_classes - (seed % 2), 60)  # odd seeds: the last class never occurs
+    probs = rng.dirichlet(np.ones(n_classes), size=60).round(1)  # rounding makes many ties
+    for c in np.unique(labels):
+        assert binary_auc(labels == c, probs[:, c]) == pytest.approx(roc_auc_score(labels == c, probs[:, c]))
+    pred = probs.argmax(1)
+    assert macro_f1(labels, pred) == pytest.approx(f1_score(labels, pred, average="macro", zero_division=0))
+    assert math.isnan(binary_auc(np.ones(5, dtype=bool), np.arange(5.0)))
 
 
 def test_classification_metrics():
