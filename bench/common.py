@@ -1,0 +1,92 @@
+"""Small helpers shared by the benchmark scripts: the machine they ran on, timing, the final JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/x.py` from anywhere imports this checkout's biovlm
+    sys.path.insert(0, str(REPO))
+
+
+def cpu_model() -> str:
+    """The CPU model name as lscpu prints it (falls back to /proc/cpuinfo, then platform)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """Where the figures come from: CPU, cores, torch threads, GPU (if any), and the load average at this moment
+    (a load above the core count means other processes shared the CPU while the figures were taken)."""
+    import torch
+
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2)}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def device_name(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu",
+          label: str = "") -> tuple[list[float], list[object]]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; returns (seconds, results)."""
+    results = []
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        results.append(fn())
+        sync(device)
+        if label:
+            print(f"  {label} warm-up {i + 1}/{warmup}: {time.perf_counter() - t0:.2f} s", flush=True)
+    seconds = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        results.append(fn())
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+        if label:
+            print(f"  {label} timed {i + 1}/{repeats}: {seconds[-1]:.2f} s", flush=True)
+    return seconds, results
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def emit(figures: dict) -> None:
+    """The last output line of every benchmark script: one JSON object with its figures."""
+    print(json.dumps(figures, sort_keys=False), flush=True)
