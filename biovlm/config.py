@@ -129,23 +129,37 @@ _EXPECT_CUSTOM = {"data.size": "one of 28, 64, 128, 224", "data.synthetic": "tru
 
 
 # ----------------------------------------------------------------------------------------------- loading
+def _optional(path: str) -> bool:
+    """Keys that may be absent from params.yaml: a method's own ``train:`` schedule and its train knobs."""
+    parts = path.split(".")
+    if parts[0] == "profiles" and len(parts) > 2:
+        parts = parts[2:]
+    return (len(parts) in (2, 3) and parts[0] in METHOD_KNOBS and parts[1] == "train"
+            and (len(parts) == 2 or parts[2] in _SECTION_RULES["train"]))
+
+
 def set_dotted(cfg: dict, key: str, value: Any) -> None:
     """``set_dotted(cfg, "biovlm.select_ratio", 1.0)``: what ``dvc exp run -S biovlm.select_ratio=1.0`` does."""
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts[:-1]):
+        if part not in node and _optional(".".join(parts[: i + 1])):
+            node[part] = {}
         if not isinstance(node.get(part), dict):
             raise ConfigError(f"override {key}={value!r}: {'.'.join(parts[:i + 1])} is not a section of params.yaml")
         node = node[part]
-    if parts[-1] not in node:
+    if parts[-1] not in node and not _optional(key):
+        valid = sorted(node) or (sorted(_SECTION_RULES["train"]) if _optional(".".join(parts[:-1])) else [])
         raise ConfigError(f"override {key}={value!r}: params.yaml has no key {key}; "
-                          f"valid keys here: {', '.join(sorted(node))}")
+                          f"valid keys here: {', '.join(valid)}")
     node[parts[-1]] = value
 
 
 def _overlay(base: dict, over: Mapping, where: str, touched: list[str]) -> None:
     for key, value in over.items():
         path = f"{where}.{key}" if where else str(key)
+        if key not in base and _optional(path):
+            base[key] = {} if isinstance(value, Mapping) else None
         if key not in base:
             raise ConfigError(f"profile key {path} does not exist in params.yaml (a profile may only change "
                               f"existing values); valid keys here: {', '.join(sorted(map(str, base)))}")
@@ -297,7 +311,12 @@ def validate(cfg: dict) -> None:
     for method, rules in METHOD_KNOBS.items():
         if cfg.get(method) is None:
             cfg[method] = {}
-        _check_section(cfg, method, rules)
+        own = cfg[method].get("train")
+        _check_section(cfg, method, {**rules, "train": None})
+        if own is not None:  # the method's own training schedule over the shared `train` section
+            if not isinstance(own, dict):
+                _fail(cfg, f"{method}.train", own, "a mapping of train knobs, e.g. {epochs: 10}")
+            _check_section({**cfg, f"{method}.train": own}, f"{method}.train", _SECTION_RULES["train"])
 
     validate_backbone_name(cfg["backbone"].get("name"))
     device = cfg["backbone"].get("device", "auto")
@@ -309,10 +328,13 @@ def validate(cfg: dict) -> None:
     if sources != "all":
         if not isinstance(sources, list) or not sources:
             _fail(cfg, "crossdata.sources", sources, "'all' or a non-empty list of datasets")
-        outside = [s for s in sources if s not in datasets]
-        if outside:
-            raise ConfigError(f"params.yaml: crossdata.sources {outside} are not in datasets; valid sources: "
-                              f"'all' or any of {', '.join(datasets)}")
+        unknown = [s for s in sources if s not in DATASETS]
+        if unknown:
+            raise ConfigError(f"params.yaml: unknown dataset name(s) {unknown} in {_where(cfg, 'crossdata.sources')}; "
+                              f"valid: 'all' or any of {', '.join(DATASETS)}")
+        if "crossdata" in cfg["settings"] and not crossdata_sources(cfg):
+            raise ConfigError(f"params.yaml: none of {_where(cfg, 'crossdata.sources')} {sources} is in datasets "
+                              f"({', '.join(datasets)}); list sources among the datasets or use 'all'")
     if "crossdata" in cfg["settings"] and len(datasets) < 2:
         raise ConfigError("params.yaml: the crossdata setting needs at least two datasets; add datasets or drop "
                           "crossdata from settings")
@@ -365,8 +387,10 @@ def all_shots(cfg: Mapping) -> list[int]:
 
 
 def crossdata_sources(cfg: Mapping) -> list[str]:
+    """The cross-dataset sources: ``crossdata.sources`` ("all" or a list) among the selected datasets (sources
+    outside ``datasets`` are skipped, so a smaller dataset list needs no edit of the sources)."""
     sources = cfg["crossdata"].get("sources", "all")
-    return list(cfg["datasets"]) if sources == "all" else list(sources)
+    return list(cfg["datasets"]) if sources == "all" else [s for s in sources if s in cfg["datasets"]]
 
 
 def raw_dir(cfg: Mapping, dataset: str) -> Path:

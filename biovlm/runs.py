@@ -94,9 +94,19 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
+def method_config(cfg: Mapping, method: str) -> dict:
+    """The config one method trains with: its own knobs in ``cfg[method]`` and the training loop's knobs in
+    ``cfg["train"]``, with the method's optional ``train:`` subsection applied over the shared ones (e.g. CoCoOp's
+    own schedule)."""
+    knobs = dict(cfg.get(method) or {})
+    own = knobs.pop("train", None) or {}
+    return {**cfg, method: knobs, "train": {**cfg["train"], **own}}
+
+
 def run_hash(method: str, cfg: Mapping, run: Run, inputs_digest: str, code: str) -> str:
     """Hash of everything a run's result depends on."""
-    payload = {"format": RUN_FORMAT, "method": method, "knobs": cfg.get(method) or {}, "train": cfg["train"],
+    mcfg = method_config(cfg, method)
+    payload = {"format": RUN_FORMAT, "method": method, "knobs": mcfg[method], "train": mcfg["train"],
                "run": asdict(run), "inputs": inputs_digest, "code": code}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -266,12 +276,13 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
     else:
         base, novel = base_novel_split(n)
         train_ids, parts = base.tolist(), [("base", base.tolist()), ("novel", novel.tolist())]
-    method = build_method(method_name, backbone, dict(cfg), data.info, attributes=data.attributes,
+    cfg = method_config(cfg, method_name)
+    method = build_method(method_name, backbone, cfg, data.info, attributes=data.attributes,
                           class_ids=train_ids)
     history: dict = {"epochs": [], "steps": 0, "seconds": 0.0, "skipped": None}
     if len(train_ids) > 1:
         positions = data.features.shots(run.seed, run.shots, classes=train_ids)
-        history = fit(method, data.features, positions, dict(cfg), run.seed, log=log)
+        history = fit(method, data.features, positions, cfg, run.seed, log=log)
     else:
         history["skipped"] = "one training class: every prediction is that class"
     batch = cfg["train"].get("eval_batch_size", 1024)
@@ -303,7 +314,8 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
     if class_specific(method_name):
         return []
     src = inputs[source]
-    method = build_method(method_name, backbone, dict(cfg), src.info, attributes=src.attributes)
+    cfg = method_config(cfg, method_name)
+    method = build_method(method_name, backbone, cfg, src.info, attributes=src.attributes)
     method.load_checkpoint(saved["checkpoint"])
     rows = []
     batch = cfg["train"].get("eval_batch_size", 1024)

@@ -56,8 +56,9 @@ def test_demo_overlay_changes_values_and_keeps_the_rest():
     assert demo["data"]["root"] == paper["data"]["root"]
     assert demo["datasets"] == paper["datasets"] and demo["methods"] == paper["methods"]
     assert "data.synthetic" in demo["_from_profile"] and "train.momentum" not in demo["_from_profile"]
-    # the demo sets no method knob: `-S biovlm.x=...` must mean the same under every profile
-    assert not any(k.split(".")[0] in METHOD_KNOBS for k in demo["_from_profile"])
+    # the demo sets no method knob (only a method's own train schedule): `-S biovlm.x=...` means the same
+    # under every profile
+    assert not any(k.split(".")[0] in METHOD_KNOBS and k.split(".")[1] != "train" for k in demo["_from_profile"])
     assert raw_dir(demo, "pathmnist") == Path("data/raw/pathmnist/synthetic")
     assert raw_dir(paper, "pathmnist") == Path("data/raw/pathmnist")
 
@@ -78,6 +79,23 @@ def test_method_knobs_match_the_methods():
         assert set(METHOD_KNOBS[name]) == set(registry[name].DEFAULTS), name
         assert set(raw()[name] or {}) == set(registry[name].DEFAULTS), f"params.yaml section {name}"
         assert {k: v for k, v in (raw()[name] or {}).items()} == registry[name].DEFAULTS, f"defaults of {name}"
+
+
+def test_a_method_may_have_its_own_train_schedule():
+    from biovlm.runs import method_config
+
+    cfg = config(**{"cocoop.train.epochs": 3})
+    mcfg = method_config(cfg, "cocoop")
+    assert mcfg["train"]["epochs"] == 3 and mcfg["train"]["lr"] == cfg["train"]["lr"]
+    assert "train" not in mcfg["cocoop"] and method_config(cfg, "coop")["train"]["epochs"] == 50
+    with pytest.raises(ConfigError, match=r"cocoop.train.epoch; valid keys here: batch_size, epochs"):
+        config(**{"cocoop.train.epoch": 3})
+    with pytest.raises(ConfigError, match=r"cocoop.train.lr must be a number > 0"):
+        config(**{"cocoop.train.lr": 0})
+    bad = raw()
+    bad["profiles"]["demo"]["cocoop"] = {"train": {"epochz": 1}}
+    with pytest.raises(ConfigError, match=r"profile key cocoop.train.epochz does not exist"):
+        resolve(bad, {"profile": "demo"})
 
 
 def test_train_knobs_match_the_loop():
@@ -105,7 +123,8 @@ def test_train_knobs_match_the_loop():
         ({"fewshot.shots": [0, 4]}, "fewshot.shots must be distinct positive integers"),
         ({"fewshot.shots": [1, 32]}, "raise features.max_shots to 32 or lower fewshot.shots"),
         ({"base2new.shots": 0}, "base2new.shots must be a positive integer"),
-        ({"crossdata.sources": ["pathmnist", "chestmnist"]}, "crossdata.sources ['chestmnist'] are not in datasets"),
+        ({"crossdata.sources": ["pathmnist", "chestmnist"]}, "unknown dataset name(s) ['chestmnist'] in crossdata"),
+        ({"datasets": ["pathmnist", "octmnist"], "crossdata.sources": ["bloodmnist"]}, "none of crossdata.sources"),
         ({"datasets": ["pathmnist"]}, "crossdata setting needs at least two datasets"),
         ({"seeds": []}, "seeds must be a non-empty list"),
         ({"data.size": 100}, "data.size must be one of 28, 64, 128, 224"),
@@ -153,9 +172,14 @@ def test_synthetic_twins_must_hold_the_shots():
         config(profile="demo", data__synthetic_n={"train": 100, "val": 60, "test": 30})
     with pytest.raises(ConfigError, match=r"data.synthetic_n.val >= 44"):
         config(profile="demo", data__synthetic_n={"train": 400, "val": 20, "test": 30})
-    cfg = config(profile="demo", datasets=["breastmnist", "pneumoniamnist"],
+    cfg = config(profile="demo", datasets=["breastmnist", "pneumoniamnist"], crossdata__sources="all",
                  data__synthetic_n={"train": 32, "val": 8, "test": 4})
     assert cfg["data"]["synthetic_n"]["train"] == 32
+
+
+def test_crossdata_sources_outside_the_datasets_are_skipped():
+    cfg = config(profile="demo", datasets=["pathmnist", "octmnist", "bloodmnist"])
+    assert crossdata_sources(cfg) == ["pathmnist", "bloodmnist"]
 
 
 def test_missing_or_broken_params_file(tmp_path):
