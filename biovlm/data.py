@@ -332,25 +332,31 @@ def base_novel_split(n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _synthetic_images(name: str, labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Images whose class shows as a grating orientation and a blob position, in a dataset-specific style."""
+    """Images whose class shows as a stripe angle and a blob layout, in a dataset-specific style.
+
+    The class structure is mirror-symmetric (a chevron of two mirrored gratings, two mirrored blobs), so the
+    horizontal flips and crops of the training augmentations keep an image's class, as they do for real scans.
+    """
     info = get_dataset(name)
     style = np.random.default_rng(list(name.encode()))  # the same look for a dataset, whatever the seed
     background = style.uniform(40, 120)
     frequency = style.uniform(2.0, 4.0)
     tint = style.uniform(0.5, 1.0, size=3)
-    n = len(labels)
+    n, c = len(labels), info.n_classes
     axis = (np.arange(size) + 0.5) / size - 0.5
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
-    angle = np.pi * labels / info.n_classes + rng.normal(0, 0.08, n)
-    phase = rng.uniform(0, 2 * np.pi, n)
-    along = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy
-    grating = np.sin(2 * np.pi * frequency * along + phase[:, None, None])
-    ring = 2 * np.pi * labels / info.n_classes
-    cx = 0.25 * np.cos(ring) + rng.normal(0, 0.04, n)
-    cy = 0.25 * np.sin(ring) + rng.normal(0, 0.04, n)
-    blob = np.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / (2 * 0.1**2))
+    angle = (np.pi / 2) * (labels + 0.5) / c + rng.normal(0, 0.03, n)
+    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    phase = rng.uniform(0, 2 * np.pi, (2, n, 1, 1))
+    chevron = np.sin(2 * np.pi * frequency * (cos * xx + sin * yy) + phase[0])
+    chevron += np.sin(2 * np.pi * frequency * (-cos * xx + sin * yy) + phase[1])
+    # two mirrored blobs: their height and spread together code the class on a grid of 3 spreads x ceil(C/3) heights
+    rows = max(-(-c // 3) - 1, 1)
+    height = (0.6 * (labels // 3) / rows - 0.3 + rng.normal(0, 0.02, n))[:, None, None]
+    spread = (0.08 + 0.13 * (labels % 3) + rng.normal(0, 0.015, n))[:, None, None]
+    blobs = sum(np.exp(-((xx - side * spread) ** 2 + (yy - height) ** 2) / (2 * 0.07**2)) for side in (-1, 1))
     contrast = rng.uniform(0.6, 1.0, n)[:, None, None]
-    grey = background + contrast * (45 * grating + 90 * blob) + rng.normal(0, 18, (n, size, size))
+    grey = background + contrast * (25 * chevron + 80 * blobs) + rng.normal(0, 18, (n, size, size))
     image = grey if info.n_channels == 1 else grey[..., None] * tint + (1 - tint) * background
     return np.clip(image, 0, 255).astype(np.uint8)
 
