@@ -1,7 +1,7 @@
-"""DVC stage ``train@<method>``: every run of a method (all datasets, settings, shot counts and seeds) from the
-cached features -> ``checkpoints/<method>/`` (one file per run, kept between runs: a rerun skips finished runs)
-and ``results/<method>.csv`` (one row per setting, source, target, K, seed and part). Several methods may be
-given; they share one process (one backbone load).
+"""DVC stage ``train``: every run of every method (all datasets, settings, shot counts and seeds) from the cached
+features -> ``checkpoints/<method>/`` (one file per run, kept between executions: a rerun redoes only the runs
+whose inputs changed) and ``results/<method>.csv`` (one row per setting, source, target, K, seed and part).
+All methods share one process, so the backbone is imported and loaded once; name methods to train only those.
 
 Per-epoch training curves of every run go to ``dvclive/<method>/`` (``plots/metrics/<setting>/<dataset>/
 k<K>_seed<S>/<term>.tsv``, step = epoch); ``--no-live`` turns that off.
@@ -10,6 +10,7 @@ k<K>_seed<S>/<term>.tsv``, step = epoch); ``--no-live`` turns that off.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from biovlm.config import (
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("methods", nargs="+", metavar="method")
+    ap.add_argument("methods", nargs="*", metavar="method", help="default: every method in params.yaml")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--features", default=str(FEATURES_DIR))
     ap.add_argument("--filtered", default=str(FILTERED_DIR))
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     cfg = load_config(args.params)
+    args.methods = args.methods or list(cfg["methods"])
     unknown = [m for m in args.methods if m not in cfg["methods"]]
     if unknown:
         raise ValueError(f"method(s) {unknown} not in params.yaml methods ({', '.join(cfg['methods'])})")
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     backbone = load_backbone(b["name"], device=torch_device(cfg), cache_dir=b["cache_dir"])
     print(f"  inputs and backbone ready in {time.perf_counter() - t0:.1f} s on {backbone.device}")
 
+    if set(args.methods) == set(cfg["methods"]):  # checkpoints of methods no longer benchmarked
+        for stale in sorted(Path(args.checkpoints).glob("*")):
+            if stale.is_dir() and stale.name not in cfg["methods"]:
+                shutil.rmtree(stale)
     for method in args.methods:
         print(f"train {method}: knobs {cfg[method]}")
         live, log = None, None
