@@ -70,9 +70,9 @@ _BERT_COMMON = {"model_type": "bert", "architectures": ["BertModel"], "hidden_ac
                 "layer_norm_eps": 1e-12, "pad_token_id": 0, "initializer_range": 0.02}
 
 # tiny-pretrained: contrastive training on synthetic twins of all 11 datasets (captions: prompts.template_text).
-TINY_PRETRAIN: dict[str, Any] = {"seed": 0, "steps": 250, "text_warmup": 50, "batch_size": 128, "lr": 3e-3,
+TINY_PRETRAIN: dict[str, Any] = {"seed": 0, "steps": 300, "text_warmup": 50, "batch_size": 128, "lr": 3e-3,
                                  "warmup": 25, "weight_decay": 0.05, "text_lr_scale": 1.0, "spread": 1.0,
-                                 "n_train": 256, "n_test": 110}
+                                 "context_p": 0.25, "context_words": 4, "n_train": 256, "n_test": 110}
 CACHE_FORMAT = 1
 
 
@@ -419,9 +419,16 @@ def _build_open_clip_pair(name: str, cache_dir: str | Path | None = None):
 
 def tiny_pretrained_path(config: dict | None = None, cache_dir: str | Path | None = None) -> Path:
     """Cache file of a tiny-pretrained build, keyed by a hash of everything that shapes its weights."""
+    import inspect
+
+    from biovlm import data
+
     config = {**TINY_PRETRAIN, **(config or {})}
+    # Everything that shapes the weights, including how the synthetic twins and their captions are made.
     blob = json.dumps({"format": CACHE_FORMAT, "arch": TINY_ARCH, "vit": TINY_VIT_ARGS, "bert": _BERT_COMMON,
-                       "train": config, "vocab": tiny_vocab()}, sort_keys=True)
+                       "train": config, "vocab": tiny_vocab(), "captions": registry_texts(),
+                       "twins": inspect.getsource(data._synthetic_images) + inspect.getsource(data.make_synthetic),
+                       "loop": inspect.getsource(_PRETRAIN_LOOP)}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return Path(cache_dir or default_cache_dir()) / f"tiny-pretrained-{key}.safetensors"
 
@@ -542,15 +549,16 @@ def pretrain_tiny(model, tokenizer, config: dict, device: str = "cpu", log: Call
         root = Path(tmp)
         # Twins under a seed of their own: never the same images as a demo run's twins (seed 0 and up).
         _synthetic_twins(root, config["n_train"], config["n_test"], seed=1_000_003 + seed)
-        images, targets, captions = [], [], []
+        images, targets, captions, names = [], [], [], []
         for info in data.DATASETS.values():
             x, y = data.load_split(info.name, "train", 28, root)
             images.append(bb.prepare_images(x))
             targets.append(torch.from_numpy(y) + len(captions))
             captions += [prompts.template_text(info, c) for c in info.prompt_names]
+            names += info.prompt_names
         images, targets = torch.cat(images), torch.cat(targets).to(bb.device)
-        ids, mask = bb.tokenize(captions)
         itself = torch.arange(len(captions), device=bb.device)
+        words = sorted(set(_bert_words(registry_texts())) - set(".,-()'"))
 
         model.train().requires_grad_(True)
         groups = []
@@ -568,6 +576,13 @@ def pretrain_tiny(model, tokenizer, config: dict, device: str = "cpu", log: Call
             for group in opt.param_groups:
                 group["lr"] = config["lr"] * factor * group["scale"]
             scale = model.logit_scale.exp().clamp(max=100)
+            # Some captions get random context words instead of the template ("w w w w <class>."), so the tower
+            # learns to read the class in any context: learned prompt contexts then have a smooth tower to tune.
+            texts = [" ".join([*(words[int(i)] for i in torch.randint(len(words), (config["context_words"],),
+                                                                      generator=gen)), f"{name}."])
+                     if float(torch.rand((), generator=gen)) < config["context_p"] else caption
+                     for name, caption in zip(names, captions, strict=True)]
+            ids, mask = bb.tokenize(texts)
             txt = F.normalize(bb._text.encode(bb.token_embeddings(ids), mask), dim=-1)
             loss = config["spread"] * F.cross_entropy(scale * txt @ txt.T, itself)
             if step >= 0:
@@ -586,3 +601,6 @@ def pretrain_tiny(model, tokenizer, config: dict, device: str = "cpu", log: Call
     return {"config": config, "seconds": round(time.perf_counter() - start_time, 1),
             "final_loss": round(loss.item(), 4), "zero_shot_test_accuracy": accuracy,
             "mean_zero_shot_accuracy": float(np.mean(list(accuracy.values()))), "mean_chance": float(np.mean(chance))}
+
+
+_PRETRAIN_LOOP = pretrain_tiny  # its source is part of the cache key (a patched pretrain_tiny in a test keeps it)
