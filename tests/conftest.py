@@ -10,6 +10,17 @@ import pytest
 SHARED_MEDMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models run many small ops, which a second thread only slows down (10x+ when the other core is busy)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def official_breastmnist(tmp_path: Path) -> Path:
     """A writable folder holding copies of the official BreastMNIST files (28 and 64 px); skips without them."""

@@ -16,16 +16,6 @@ from biovlm.methods import METHOD_NAMES, NotTransferable, build_method
 from biovlm.methods.losses import entropy_of_mean, kl_distill, text_alignment
 from biovlm.train import fit, predict
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run many small ops, which a second thread only slows down (by 10x+ when the other core is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 INFO = get_dataset("bloodmnist")  # 8 classes
 ATTRS = [[f"{w} granules", f"{w} nucleus", f"{w} membrane"] for w in
          ("round", "lobed", "pale", "dark", "small", "large", "smooth", "rough")]

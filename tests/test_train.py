@@ -15,16 +15,6 @@ from biovlm.methods import build_method
 from biovlm.methods.base import Method
 from biovlm.train import NonFiniteLossError, dvclive_logger, fit, lr_at, predict, train_knobs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run many small ops, which a second thread only slows down (by 10x+ when the other core is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 INFO = get_dataset("bloodmnist")
 ATTRS = [[f"{w} granules", f"{w} nucleus"] for w in
          ("round", "lobed", "pale", "dark", "small", "large", "smooth", "rough")]
