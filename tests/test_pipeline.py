@@ -23,17 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS2 = ["breastmnist", "bloodmnist"]  # 2 and 8 classes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run many small ops, which a second thread only slows down."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_config(**overrides) -> dict:
     base = {"profile": "demo", "datasets": DATASETS2, "seeds": [1, 2], "fewshot.shots": [1, 4],
             "base2new.shots": 4, "crossdata.shots": 4, "features.max_shots": 4, "train.epochs": 2,
