@@ -26,7 +26,8 @@ DATASETS2 = ["breastmnist", "bloodmnist"]  # 2 and 8 classes
 def small_config(**overrides) -> dict:
     base = {"profile": "demo", "datasets": DATASETS2, "seeds": [1, 2], "fewshot.shots": [1, 4],
             "base2new.shots": 4, "crossdata.shots": 4, "features.max_shots": 4, "train.epochs": 2,
-            "train.batch_size": 8, "biovlm.bank_size": 3}
+            "train.batch_size": 8, "biovlm.bank_size": 3,
+            "profiles.demo.crossdata.sources": "all"}  # the demo's own source list holds one of DATASETS2
     base.update(overrides)
     return load_config(ROOT / "params.yaml", base)
 
