@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from biovlm.config import REPORT_DIR, RESULTS_DIR, describe_profile, load_config, stage_main
+from biovlm.config import REPORT_DIR, RESULTS_DIR, load_config, stage_main
 from biovlm.evaluate import load_results
 from biovlm.report import write_report
 
@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
     df = load_results(Path(args.results) / f"{m}.csv" for m in cfg["methods"])
-    header = (f"Configuration: {describe_profile(cfg)}; backbone `{cfg['backbone']['name']}`, "
-              f"{cfg['data']['size']} px{' synthetic twins' if cfg['data']['synthetic'] else ''}, "
-              f"seeds {cfg['seeds']}, {cfg['train']['epochs']} epochs.")
+    data = f"{cfg['data']['size']} px " + ("synthetic twins" if cfg["data"]["synthetic"] else "MedMNIST+")
+    header = (f"Configuration: profile `{cfg['_profile']}`; backbone `{cfg['backbone']['name']}`, {data}, "
+              f"seeds {cfg['seeds']}, {cfg['train']['epochs']} epochs (see params.yaml and dvc.lock).")
     paths = write_report(df, args.out, cfg["methods"], cfg["datasets"], header=header)
     print("report: " + ", ".join(str(p) for p in paths))
 
