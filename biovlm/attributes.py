@@ -23,7 +23,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -240,7 +240,7 @@ def write_cache(cache_dir: str | Path, req: Request, completion: dict, content: 
         "dataset": req.dataset, "label": req.label, "class_name": req.class_name,
         "request": req.body,
         "model": completion.get("model"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "content": content,
         "attributes": attributes,
         "response": completion,

@@ -132,12 +132,9 @@ def official_source(name: str, size: int) -> tuple[str, str]:
     return entry[f"url{suffix}"], entry[f"MD5{suffix}"]
 
 
-def file_md5(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.md5()
+def file_md5(path: str | Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 class ChecksumError(ValueError):

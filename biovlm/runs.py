@@ -75,12 +75,9 @@ def plan_runs(cfg: Mapping) -> list[Run]:
 
 
 # ---------------------------------------------------------------------------------------------- hashing, files
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: str | Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def code_digest() -> str:
