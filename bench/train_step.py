@@ -17,7 +17,7 @@ the project's maths (word-embedding prompts, the project's loss terms and reduct
 only the work done differs. The reference's own data loading and augmentation per step are NOT included (that
 favours the reference).
 
-Run: ``python bench/train_step.py`` (biomedclip-random, ~5-10 min on a 2-core CPU, peak memory ~14 GB from the
+Run: ``python bench/train_step.py`` (biomedclip-random, 20-60 min on a 2-core CPU, peak memory ~13 GB from the
 reference's 256-token backward). ``--backbone tiny`` checks the same in seconds. The last output line is JSON.
 """
 
@@ -29,7 +29,7 @@ import resource
 import tempfile
 import time
 
-from common import emit, machine, median, timed
+from common import device_name, emit, machine, median, sync, timed
 
 DATASET = "organamnist"  # 11 classes: the bank holds 10 x 11 = 110 prompts
 KNOBS = {"bank_size": 10, "n_ctx": 4, "select_ratio": 0.5, "teacher_ratio": 0.5, "tau": 1.0, "l_ent": 0.5,
@@ -82,6 +82,17 @@ def make_views(backbone, images, seed: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the reference
+class _Clock:
+    def __init__(self, device: str):
+        self.device, self.laps, self.t = device, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.laps[name] = now - self.t
+        self.t = now
+
+
 def _n_keep(n: int, ratio: float) -> int:
     return max(1, min(n, math.ceil(ratio * n - 1e-9)))
 
@@ -130,9 +141,11 @@ class ReferenceBioVLM:
         import torch.nn.functional as F
 
         k, bb = self.knobs, self.bb
+        clock = _Clock(bb.device.type)
         # 1. the image tower, three passes per step
         with torch.no_grad():
             feats = {v: F.normalize(bb.model.encode_image(views[v]).float(), dim=-1) for v in VIEWS}
+        clock.lap("image_tower")
         # 2. all M x C prompts at the full context length (word embeddings, context spliced at 1..n_ctx)
         m, (c, length) = self.ctx.shape[0], self.prompt_ids.shape
         emb = bb.token_embeddings(self.prompt_ids).float()
@@ -141,12 +154,14 @@ class ReferenceBioVLM:
                        emb[None, :, 1 + self.n_ctx:].expand(m, c, length - 1 - self.n_ctx, width)], dim=2)
         text = self._encode(self.prompt_ids.repeat(m, 1), x.reshape(m * c, length, width))
         text = F.normalize(text.float(), dim=-1).view(m, c, -1)
+        clock.lap("prompts_forward")
         # 3. the attribute texts, re-encoded every step
         with torch.no_grad():
             attr = torch.cat([self._encode(self.attr_ids[i:i + self.attr_chunk])
                               for i in range(0, len(self.attr_ids), self.attr_chunk)])
             attr = F.normalize(attr.float(), dim=-1).view(c, self.j, -1)
         classifiers, attr_mean = attr.transpose(0, 1), F.normalize(attr.mean(dim=1), dim=-1)  # [J,C,D], [C,D]
+        clock.lap("attributes")
         # 4. per-sample loops: student routing, its entropy, both teachers, both KL terms
         scale, tau = bb.logit_scale, k["tau"]
         k_student, k_teacher = _n_keep(m, k["select_ratio"]), _n_keep(self.j, k["teacher_ratio"])
@@ -175,6 +190,8 @@ class ReferenceBioVLM:
                  "cos": 1 - F.cosine_similarity(text.mean(dim=0), attr_mean, dim=-1).mean()}
         weights = {"ce": 1.0, "ent": k["l_ent"], "kd": k["l_kd"], "aug": k["l_aug"], "cos": k["l_cos"]}
         total = sum(weights[t] * v for t, v in terms.items())
+        clock.lap("per_sample_loops")
+        self.phases = clock.laps  # seconds of each part of the last forward pass
         return total, {"loss": total.item(), **{t: v.item() for t, v in terms.items()}}
 
 
@@ -191,8 +208,8 @@ def build_pair(backbone, n_attributes: int, images, labels, knobs: dict | None =
     info = data.get_dataset(DATASET)
     attributes = [a[:n_attributes] for a in attrs.curated(DATASET)]
     method = build_method("biovlm", backbone, {"biovlm": knobs}, info, attributes=attributes)
-    views = make_views(backbone, images, seed)
-    labels = torch.as_tensor(labels, dtype=torch.long)
+    views = {k: v.to(backbone.device) for k, v in make_views(backbone, images, seed).items()}
+    labels = torch.as_tensor(labels, dtype=torch.long, device=backbone.device)
     reference = ReferenceBioVLM(backbone, info, method.class_names, method.attributes, method.ctx, knobs)
     return method, views, reference, labels
 
@@ -221,15 +238,19 @@ def project_step(method, batch, opt) -> dict:
 
 def reference_step(reference, views, labels, opt) -> dict:
     loss, stats = reference.loss(views, labels)
+    t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return stats
+    sync(reference.bb.device.type)
+    reference.phases["backward_and_step"] = time.perf_counter() - t0
+    return {**stats, "phases": dict(reference.phases)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="biomedclip-random")
+    ap.add_argument("--device", default="auto", help="auto: cuda when available (both sides run in float32)")
     ap.add_argument("--attributes", type=int, default=5, help="J attributes per class (params.yaml filter.keep)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3,
@@ -247,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    backbone = load_backbone(args.backbone)
+    device = device_name(args.device)
+    backbone = load_backbone(args.backbone, device=device)
     print(f"backbone {args.backbone} loaded in {time.perf_counter() - t0:.1f} s: {backbone}")
     images, labels = batch_images(224, args.batch_size)
     method, views, reference, labels = build_pair(backbone, args.attributes, images, labels)
@@ -264,16 +286,17 @@ def main(argv: list[str] | None = None) -> dict:
     # load (on a shared machine the load drifts over the minutes the reference takes).
     opt = sgd(method.parameters())
     load = [machine()["loadavg_1min"]]
-    proj_s, proj_stats = timed(lambda: project_step(method, batch, opt), args.repeats, args.warmup, label="project")
+    proj_s, proj_stats = timed(lambda: project_step(method, batch, opt), args.repeats, args.warmup, device,
+                               label="project")
     proj_rss = peak_rss_gb()
     load.append(machine()["loadavg_1min"])
 
     ref_opt = sgd(reference.parameters())
     ref_s, ref_stats = timed(lambda: reference_step(reference, views, labels, ref_opt), args.ref_repeats,
-                             args.ref_warmup, label="reference")
+                             args.ref_warmup, device, label="reference")
     ref_rss = peak_rss_gb()
     load.append(machine()["loadavg_1min"])
-    after_s, _ = timed(lambda: project_step(method, batch, opt), args.repeats, 0, label="project (after)")
+    after_s, _ = timed(lambda: project_step(method, batch, opt), args.repeats, 0, device, label="project (after)")
     proj_s += after_s
     load.append(machine()["loadavg_1min"])
 
@@ -291,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"step time: project {p_med:.3f} s (median of {len(proj_s)}), reference {r_med:.2f} s "
           f"(median of {len(ref_s)}) -> {speedup:.1f}x faster (target >= {args.target:g}x: "
           f"{'met' if speedup >= args.target else 'NOT met'}); same loss within rel {args.rtol:g}: {same}")
+    phases = ref_stats[-1]["phases"]
+    print("reference step by part (last step, s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     print(f"peak RSS: {proj_rss:.2f} GB after the project steps, {ref_rss:.2f} GB after the reference steps; "
           f"1-min load average at the phase boundaries: {load} on {machine()['cores']} cores")
     figures = {"bench": "train_step", "backbone": args.backbone, "dataset": DATASET, "classes": c,
@@ -300,7 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
                "project_loss": proj_stats[0]["loss"], "reference_loss": ref_stats[0]["loss"],
                "max_rel_loss_diff": max(rel), "rtol": args.rtol, "same_loss": same,
                "project_feature_once_s": round(feature_s, 3), "project_times_s": [round(s, 4) for s in proj_s],
-               "reference_times_s": [round(s, 3) for s in ref_s], "peak_rss_gb_project": round(proj_rss, 2),
+               "reference_times_s": [round(s, 3) for s in ref_s],
+               "reference_phases_s": {k: round(v, 2) for k, v in phases.items()}, "device": device,
+               "peak_rss_gb_project": round(proj_rss, 2),
                "peak_rss_gb_with_reference": round(ref_rss, 2), "loadavg_during": load, "machine": machine()}
     emit(figures)
     return figures
