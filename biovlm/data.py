@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import mmap
 import os
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -273,11 +274,33 @@ def load_split(
 
 
 def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, batch)`` pairs; each batch is an in-memory copy of ``batch_size`` rows of a memory-mapped split."""
+    """``(start, batch)`` pairs; each batch is an in-memory copy of ``batch_size`` rows of a split.
+
+    A whole memory-mapped split (as ``load_split`` returns) is read with plain file reads instead of through the
+    mapping: pages touched through a mapping count as the process's resident memory until it exits, so streaming
+    a 7 GB split would show 7 GB resident; read pages only pass through the kernel's page cache.
+    """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    for start in range(0, len(images), batch_size):
-        yield start, np.array(images[start : start + batch_size])
+    whole_file = (isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap)
+                  and images.flags.c_contiguous and images.filename is not None)
+    if not whole_file:
+        for start in range(0, len(images), batch_size):
+            yield start, np.array(images[start : start + batch_size])
+        return
+    row_bytes = images.itemsize * int(np.prod(images.shape[1:], dtype=np.int64))
+    with open(images.filename, "rb", buffering=0) as f:
+        for start in range(0, len(images), batch_size):
+            batch = np.empty((min(batch_size, len(images) - start), *images.shape[1:]), dtype=images.dtype)
+            f.seek(images.offset + start * row_bytes)
+            view = memoryview(batch).cast("B")
+            while view:  # a raw read may return fewer bytes than asked
+                n = f.readinto(view)
+                if not n:
+                    raise OSError(f"{images.filename} ended early: it is shorter than its header says; delete it "
+                                  f"(it is re-extracted from the npz on the next read)")
+                view = view[n:]
+            yield start, batch
 
 
 # ---------------------------------------------------------------------------------------------- shots and splits
@@ -328,17 +351,19 @@ def base_novel_split(n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------- synthetic twins
 
 
-def _synthetic_images(name: str, labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _synthetic_images(name: str, labels: np.ndarray, size: int, rng: np.random.Generator,
+                      style: int = 0) -> np.ndarray:
     """Images whose class shows as a stripe angle and a blob layout, in a dataset-specific style.
 
     The class structure is mirror-symmetric (a chevron of two mirrored gratings, two mirrored blobs), so the
     horizontal flips and crops of the training augmentations keep an image's class, as they do for real scans.
+    ``style`` picks the look (background, stripe frequency, tint) of a dataset; the same for any ``rng``.
     """
     info = get_dataset(name)
-    style = np.random.default_rng(list(name.encode()))  # the same look for a dataset, whatever the seed
-    background = style.uniform(40, 120)
-    frequency = style.uniform(2.0, 4.0)
-    tint = style.uniform(0.5, 1.0, size=3)
+    style_rng = np.random.default_rng([style, *name.encode()] if style else list(name.encode()))
+    background = style_rng.uniform(40, 120)
+    frequency = style_rng.uniform(2.0, 4.0)
+    tint = style_rng.uniform(0.5, 1.0, size=3)
     n, c = len(labels), info.n_classes
     axis = (np.arange(size) + 0.5) / size - 0.5
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
@@ -365,12 +390,15 @@ def make_synthetic(
     seed: int = 0,
     root: str | Path = "data/raw",
     chunk: int = 1024,
+    style: int = 0,
 ) -> Path:
     """Write a synthetic twin of ``name`` in the official npz format (keys, key order, dtypes, label shape).
 
     Labels are balanced over the classes and shuffled; images carry learnable class structure. The file's md5 goes
     into ``<root>/SYNTHETIC.json``, which ``ensure_npz`` checks instead of the official md5 (and never downloads).
     Images are generated and compressed in chunks, so a 224-px twin of a large split fits in little memory.
+    ``style`` changes each dataset's look but not its class structure (``tiny-pretrained`` pretrains on another
+    style than the benchmark's twins, the way a real backbone's pretraining images differ from MedMNIST's).
     """
     info = get_dataset(name)
     _check_size(size)
@@ -401,10 +429,11 @@ def make_synthetic(
                 np.lib.format.write_array_header_1_0(member, header)
                 for start in range(0, counts[split], chunk):
                     part_labels = labels[split][start : start + chunk].astype(np.int64)
-                    member.write(_synthetic_images(name, part_labels, size, rng).tobytes())
+                    member.write(_synthetic_images(name, part_labels, size, rng, style).tobytes())
     os.replace(tmp, path)
     manifest_path = path.parent / SYNTHETIC_MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest[path.name] = {"md5": file_md5(path), "dataset": name, "size": size, "seed": seed, "counts": counts}
+    manifest[path.name] = {"md5": file_md5(path), "dataset": name, "size": size, "seed": seed, "counts": counts,
+                           "style": style}
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return path

@@ -172,6 +172,19 @@ def test_synthetic_twin_is_deterministic_and_class_structured(tmp_path):
     assert (predicted == test_labels).mean() > 0.5
 
 
+def test_synthetic_style_changes_the_look_not_the_labels(tmp_path):
+    import json
+
+    make_synthetic("bloodmnist", 28, 40, seed=3, root=tmp_path / "a")
+    make_synthetic("bloodmnist", 28, 40, seed=3, root=tmp_path / "b", style=1)
+    (x0, y0), (x1, y1) = (load_split("bloodmnist", "train", 28, tmp_path / r) for r in "ab")
+    np.testing.assert_array_equal(y0, y1)
+    tint = [x.reshape(-1, 3).mean(0) for x in (x0, x1)]  # another background and tint per dataset
+    assert np.abs(tint[0] - tint[1]).max() > 5
+    manifest = json.loads((tmp_path / "b" / "SYNTHETIC.json").read_text())
+    assert manifest["bloodmnist.npz"]["style"] == 1
+
+
 def test_synthetic_twin_is_verified_by_its_manifest(tmp_path):
     path = make_synthetic("pneumoniamnist", 28, 10, seed=0, root=tmp_path)
     path.write_bytes(path.read_bytes()[:-1] + b"\1")
@@ -188,6 +201,23 @@ def test_iter_batches_covers_split_in_order(synthetic_root):
         assert not isinstance(batch, np.memmap)
     assert starts == [0, 100, 200]
     np.testing.assert_array_equal(np.concatenate(total), images)
+
+
+def test_iter_batches_reads_mapped_splits_by_file_reads(tmp_path):
+    """A whole memory-mapped split is read with file reads (its pages never become resident through the mapping);
+    slices and plain arrays go through indexing; a file cut short is an error naming it and the fix."""
+    rgb = (np.arange(7 * 4 * 4 * 3) % 251).astype(np.uint8).reshape(7, 4, 4, 3)
+    np.save(tmp_path / "x.npy", rgb)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    for source, expected in ((mapped, rgb), (mapped[2:], rgb[2:]), (rgb, rgb)):
+        batches = list(iter_batches(source, 3))
+        assert [s for s, _ in batches] == list(range(0, len(expected), 3))
+        np.testing.assert_array_equal(np.concatenate([b for _, b in batches]), expected)
+        assert all(type(b) is np.ndarray for _, b in batches)
+    with open(tmp_path / "x.npy", "r+b") as f:  # the mapping keeps its length; the file loses its last rows
+        f.truncate(mapped.offset + 5 * 4 * 4 * 3)
+    with pytest.raises(OSError, match=r"x\.npy ended early.*delete it"):
+        list(iter_batches(mapped, 3))
 
 
 labels_strategy = st.lists(st.integers(0, 4), min_size=5, max_size=200).map(
