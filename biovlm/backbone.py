@@ -70,9 +70,14 @@ _BERT_COMMON = {"model_type": "bert", "architectures": ["BertModel"], "hidden_ac
                 "layer_norm_eps": 1e-12, "pad_token_id": 0, "initializer_range": 0.02}
 
 # tiny-pretrained: contrastive training on synthetic twins of all 11 datasets (captions: prompts.template_text).
-TINY_PRETRAIN: dict[str, Any] = {"seed": 0, "steps": 300, "text_warmup": 50, "batch_size": 128, "lr": 3e-3,
+# Captions per class and step: the template, else (context_p) random context words before the class name, else
+# (attribute_p) "<modality> of <class>, which has <attribute>" with one of the class's curated attributes.
+# The twins are drawn in another look (style) than the benchmark's own, so the demo has a domain gap to adapt to;
+# images are randomly flipped and cropped (area fraction crop_scale, aspect ratio 3/4 to 4/3, then resized back).
+TINY_PRETRAIN: dict[str, Any] = {"seed": 0, "steps": 800, "text_warmup": 50, "batch_size": 128, "lr": 3e-3,
                                  "warmup": 25, "weight_decay": 0.05, "text_lr_scale": 1.0, "spread": 1.0,
-                                 "context_p": 0.25, "context_words": 4, "n_train": 256, "n_test": 110}
+                                 "context_p": 0.25, "context_words": 4, "attribute_p": 0.25, "style": 1,
+                                 "crop_scale": [1.0, 1.0], "n_train": 256, "n_test": 110}
 CACHE_FORMAT = 1
 
 
@@ -294,13 +299,26 @@ def registry_texts() -> list[str]:
     return texts
 
 
+def curated_attribute_texts() -> dict[str, list[list[str]]]:
+    """Dataset -> per class, the attribute sentences of the shipped curated attributes (all of them)."""
+    from biovlm import attributes, data, prompts
+
+    out = {}
+    for info in data.DATASETS.values():
+        out[info.name] = [[prompts.attribute_text(info, name, a) for a in attrs]
+                          for name, attrs in zip(info.prompt_names, attributes.curated(info.name), strict=True)]
+    return out
+
+
 def tiny_vocab(size: int | None = None) -> list[str]:
     """A deterministic WordPiece vocabulary: BERT specials, every printable character and its ``##`` form (so any
-    text tokenizes), the placeholder word and every registry word; padded with ``[unusedN]`` up to ``size``."""
+    text tokenizes), the placeholder word, every registry word and every word of the curated attributes; padded
+    with ``[unusedN]`` up to ``size``."""
     from biovlm import prompts
 
     chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]  # the tokenizer lower-cases first
-    words = sorted(set(_bert_words(registry_texts())))
+    texts = registry_texts() + [t for per_class in curated_attribute_texts().values() for ts in per_class for t in ts]
+    words = sorted(set(_bert_words(texts)))
     vocab = list(dict.fromkeys([*BERT_SPECIALS, *chars, *("##" + c for c in chars), prompts.PLACEHOLDER.lower(),
                                 *words]))
     if size is not None:
@@ -427,8 +445,10 @@ def tiny_pretrained_path(config: dict | None = None, cache_dir: str | Path | Non
     # Everything that shapes the weights, including how the synthetic twins and their captions are made.
     blob = json.dumps({"format": CACHE_FORMAT, "arch": TINY_ARCH, "vit": TINY_VIT_ARGS, "bert": _BERT_COMMON,
                        "train": config, "vocab": tiny_vocab(), "captions": registry_texts(),
+                       "attributes": curated_attribute_texts(),
                        "twins": inspect.getsource(data._synthetic_images) + inspect.getsource(data.make_synthetic),
-                       "loop": inspect.getsource(_PRETRAIN_LOOP)}, sort_keys=True)
+                       "loop": inspect.getsource(_PRETRAIN_LOOP) + inspect.getsource(_caption)
+                       + inspect.getsource(_crop_and_flip)}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return Path(cache_dir or default_cache_dir()) / f"tiny-pretrained-{key}.safetensors"
 
@@ -502,12 +522,12 @@ def load_backbone(name: str, device: str = "cpu", cache_dir: str | Path | None =
 # ---------------------------------------------------------------------------------------------- tiny-pretrained
 
 
-def _synthetic_twins(root: Path, n_train: int, n_test: int, seed: int) -> None:
+def _synthetic_twins(root: Path, n_train: int, n_test: int, seed: int, style: int = 0) -> None:
     from biovlm import data
 
     for info in data.DATASETS.values():
         counts = {"train": max(n_train, info.n_classes), "val": info.n_classes, "test": max(n_test, info.n_classes)}
-        data.make_synthetic(info.name, 28, counts, seed=seed, root=root)
+        data.make_synthetic(info.name, 28, counts, seed=seed, root=root, style=style)
 
 
 def zero_shot_accuracy(backbone: Backbone, dataset: str, root: str | Path, size: int = 28,
@@ -530,7 +550,8 @@ def zero_shot_accuracy(backbone: Backbone, dataset: str, root: str | Path, size:
 def pretrain_tiny(model, tokenizer, config: dict, device: str = "cpu", log: Callable | None = None) -> dict:
     """Contrastive pretraining of a tiny model in place; returns build info (seconds, zero-shot accuracies).
 
-    Data: synthetic twins of all 11 datasets (seed ``config["seed"]``) captioned with ``prompts.template_text``.
+    Data: synthetic twins of all 11 datasets (seed ``config["seed"]``, look ``config["style"]``), cropped and
+    flipped, captioned by ``_caption`` (the template, random context words, or an attribute sentence).
     Loss: InfoNCE of each image against the captions of all 78 classes (in-batch CLIP loss would see the same caption
     many times per batch, as false negatives), plus a caption *spread* term, InfoNCE of the captions against each
     other: a random BERT gives every caption nearly the same CLS feature (cosine ~1), so captions of one dataset,
@@ -548,14 +569,15 @@ def pretrain_tiny(model, tokenizer, config: dict, device: str = "cpu", log: Call
     with tempfile.TemporaryDirectory(prefix="biovlm-twins-") as tmp:
         root = Path(tmp)
         # Twins under a seed of their own: never the same images as a demo run's twins (seed 0 and up).
-        _synthetic_twins(root, config["n_train"], config["n_test"], seed=1_000_003 + seed)
-        images, targets, captions, names = [], [], [], []
+        _synthetic_twins(root, config["n_train"], config["n_test"], seed=1_000_003 + seed, style=config["style"])
+        images, targets, captions, names, attribute_texts = [], [], [], [], []
         for info in data.DATASETS.values():
             x, y = data.load_split(info.name, "train", 28, root)
             images.append(bb.prepare_images(x))
             targets.append(torch.from_numpy(y) + len(captions))
             captions += [prompts.template_text(info, c) for c in info.prompt_names]
             names += info.prompt_names
+            attribute_texts += curated_attribute_texts()[info.name]
         images, targets = torch.cat(images), torch.cat(targets).to(bb.device)
         itself = torch.arange(len(captions), device=bb.device)
         words = sorted(set(_bert_words(registry_texts())) - set(".,-()'"))
@@ -576,18 +598,14 @@ def pretrain_tiny(model, tokenizer, config: dict, device: str = "cpu", log: Call
             for group in opt.param_groups:
                 group["lr"] = config["lr"] * factor * group["scale"]
             scale = model.logit_scale.exp().clamp(max=100)
-            # Some captions get random context words instead of the template ("w w w w <class>."), so the tower
-            # learns to read the class in any context: learned prompt contexts then have a smooth tower to tune.
-            texts = [" ".join([*(words[int(i)] for i in torch.randint(len(words), (config["context_words"],),
-                                                                      generator=gen)), f"{name}."])
-                     if float(torch.rand((), generator=gen)) < config["context_p"] else caption
-                     for name, caption in zip(names, captions, strict=True)]
+            texts = [_caption(caption, name, attrs, words, config, gen)
+                     for caption, name, attrs in zip(captions, names, attribute_texts, strict=True)]
             ids, mask = bb.tokenize(texts)
             txt = F.normalize(bb._text.encode(bb.token_embeddings(ids), mask), dim=-1)
             loss = config["spread"] * F.cross_entropy(scale * txt @ txt.T, itself)
             if step >= 0:
                 batch = torch.randint(len(images), (config["batch_size"],), generator=gen).to(bb.device)
-                img = F.normalize(model.encode_image(images[batch]), dim=-1)
+                img = F.normalize(model.encode_image(_crop_and_flip(images[batch], config["crop_scale"], gen)), dim=-1)
                 loss = loss + F.cross_entropy(scale * img @ txt.T, targets[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -601,6 +619,34 @@ def pretrain_tiny(model, tokenizer, config: dict, device: str = "cpu", log: Call
     return {"config": config, "seconds": round(time.perf_counter() - start_time, 1),
             "final_loss": round(loss.item(), 4), "zero_shot_test_accuracy": accuracy,
             "mean_zero_shot_accuracy": float(np.mean(list(accuracy.values()))), "mean_chance": float(np.mean(chance))}
+
+
+def _caption(template: str, name: str, attribute_texts: list[str], words: list[str], config: dict, gen) -> str:
+    """One class's caption for one step. Random context words ("w w w w <class>.") teach the tower to read the
+    class in any context, so learned prompt contexts have a smooth tower to tune; attribute sentences give the
+    attribute teachers (zero-shot attribute ensemble, BioVLM, BiomedCoOp) something to say."""
+    import torch
+
+    draw = float(torch.rand((), generator=gen))
+    if draw < config["context_p"]:
+        picks = torch.randint(len(words), (config["context_words"],), generator=gen)
+        return " ".join([*(words[int(i)] for i in picks), f"{name}."])
+    if draw < config["context_p"] + config["attribute_p"]:
+        return attribute_texts[int(torch.randint(len(attribute_texts), (), generator=gen))]
+    return template
+
+
+def _crop_and_flip(images, scale, gen):
+    """Random resized crops (area fraction in ``scale``) and horizontal flips of a normalised image batch, each
+    image its own draw, reproducible from ``gen``."""
+    import kornia.augmentation as K
+    import torch
+
+    transform = torch.nn.Sequential(K.RandomResizedCrop(tuple(images.shape[-2:]), scale=tuple(scale)),
+                                    K.RandomHorizontalFlip())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (), generator=gen)))
+        return transform(images)
 
 
 _PRETRAIN_LOOP = pretrain_tiny  # its source is part of the cache key (a patched pretrain_tiny in a test keeps it)

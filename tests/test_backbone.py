@@ -181,11 +181,17 @@ def test_tiny_pretrained_is_cached_and_deterministic(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_tiny_pretrained_classifies_synthetic_data_zero_shot(tmp_path):
-    """The full build (cached per machine): zero-shot accuracy on held-out synthetic twins far above chance."""
+    """The full build (cached per machine): zero-shot accuracy on held-out twins far above chance in the look it
+    was pretrained on, and above chance but clearly lower in the benchmark twins' own look (the domain gap that
+    gives the demo's prompt learners something to learn)."""
     model = load_backbone("tiny-pretrained")
     info = model.info
-    assert info["mean_zero_shot_accuracy"] > info["mean_chance"] + 0.2
-    root = tmp_path / "twins"
-    bb_module._synthetic_twins(root, n_train=11, n_test=110, seed=123)  # data the model never saw
-    accuracy = np.mean([bb_module.zero_shot_accuracy(model, name, root) for name in DATASETS])
-    assert accuracy > info["mean_chance"] + 0.2
+    assert info["mean_zero_shot_accuracy"] > info["mean_chance"] + 0.4
+    accuracy = {}
+    for style in (bb_module.TINY_PRETRAIN["style"], 0):
+        root = tmp_path / f"style{style}"
+        bb_module._synthetic_twins(root, n_train=11, n_test=110, seed=123, style=style)  # images never seen
+        accuracy[style] = np.mean([bb_module.zero_shot_accuracy(model, name, root) for name in DATASETS])
+    pretrained_look, benchmark_look = accuracy[bb_module.TINY_PRETRAIN["style"]], accuracy[0]
+    assert pretrained_look > info["mean_chance"] + 0.4, accuracy
+    assert info["mean_chance"] + 0.15 < benchmark_look < pretrained_look - 0.15, accuracy

@@ -163,11 +163,13 @@ def test_biovlm_terms_equal_an_independent_computation(tiny_backbone):
     m = build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
     with torch.no_grad():  # a visibly different bank than the tiny tower's collapsed defaults
         m.ctx.mul_(50)
+    # The random tower's texts are nearly parallel: a large logit scale keeps the KL terms far above float32
+    # cancellation noise (at the tower's own scale they are ~1e-5).
+    m.scale = scale = 20 * tiny_backbone.logit_scale
     batch = fixed_batch(tiny_backbone.embed_dim, INFO.n_classes)
     terms, _ = m.loss_terms(batch)
     total, stats = m.loss(batch)
 
-    scale = tiny_backbone.logit_scale
     names = list(INFO.prompt_names)
     text = m.prompt_features(names).detach()  # [M, C, D] (its construction is tested above)
     attr = [tiny_backbone.encode_texts([prompts.attribute_text(INFO, n, a) for a in attrs]).float()
@@ -294,6 +296,8 @@ def test_linear_probe_fits_separable_features_and_serves_a_subset(tiny_backbone)
     sub = [INFO.prompt_names[5], INFO.prompt_names[2]]
     full = m.logits(feats.test_features, list(INFO.prompt_names), INFO)
     assert torch.allclose(m.logits(feats.test_features, sub, INFO), full[:, [5, 2]])
+    with pytest.raises(ValueError, match="linear_probe.tol must be > 0, got 0"):
+        build_method("linear_probe", tiny_backbone, {"linear_probe": {"tol": 0}}, INFO)
 
 
 def test_method_errors_are_clear(tiny_backbone):
