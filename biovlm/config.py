@@ -99,7 +99,7 @@ METHOD_KNOBS: dict[str, dict[str, Any]] = {
     "biomedcoop": {"n_ctx": _pos_int, "ctx_init": _str, "sccm_lambda": _nonneg, "kdsp_lambda": _nonneg,
                    "prune_z": _pos, "tau": _pos, "kl_reduction": _choice(*KL_REDUCTIONS)},
     "clip_adapter": {"alpha": _ratio, "reduction": _pos_int},
-    "linear_probe": {"C": _pos, "max_iter": _pos_int},
+    "linear_probe": {"C": _pos, "max_iter": _pos_int, "tol": _pos},
     "biovlm": {"bank_size": _pos_int, "n_ctx": _pos_int, "ctx_init": _str, "select_ratio": _ratio,
                "teacher_ratio": _ratio, "tau": _pos, "l_ent": _nonneg, "l_kd": _nonneg, "l_aug": _nonneg,
                "l_cos": _nonneg, "kl_reduction": _choice(*KL_REDUCTIONS)},
@@ -120,7 +120,7 @@ _SECTION_RULES: dict[str, dict[str, Any]] = {
     "filter": {"keep": _pos_int},
     "train": {"epochs": _pos_int, "lr": _pos, "momentum": lambda v: _num(v) and 0 <= v < 1,
               "weight_decay": _nonneg, "warmup_epochs": _nonneg_int, "warmup_lr": _nonneg,
-              "batch_size": _pos_int, "eval_batch_size": _pos_int},
+              "batch_size": _pos_int, "eval_batch_size": _pos_int, "val_every": _pos_int},
 }
 _EXPECT_CUSTOM = {"data.size": "one of 28, 64, 128, 224", "data.synthetic": "true or false",
                   "backbone.cache_dir": "null or a folder", "backbone.threads": "null or a positive integer",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 TRAIN_DEFAULTS = {"epochs": 50, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1,
-                  "warmup_lr": 1e-5, "batch_size": 32, "eval_batch_size": 1024}
+                  "warmup_lr": 1e-5, "batch_size": 32, "eval_batch_size": 1024, "val_every": 1}
 VIEW_KINDS = ("plain", "weak", "strong")
 
 LogFn = Callable[[dict, int], None]
@@ -34,7 +34,7 @@ def train_knobs(cfg: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown train knob(s) {unknown}; valid: {sorted(TRAIN_DEFAULTS)}")
     k = {**TRAIN_DEFAULTS, **given}
-    for name in ("epochs", "batch_size", "eval_batch_size"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "val_every"):
         if isinstance(k[name], bool) or not isinstance(k[name], int) or k[name] < 1:
             raise ValueError(f"train.{name} must be a positive integer, got {k[name]!r}")
     if isinstance(k["warmup_epochs"], bool) or not isinstance(k["warmup_epochs"], int) or k["warmup_epochs"] < 0:
@@ -75,7 +75,8 @@ def fit(method, features, positions: Sequence[int] | np.ndarray, cfg: dict | Non
 
     Returns a history {"epochs": [per-epoch record], "steps": int, "seconds": float}; each record holds the epoch,
     lr, the mean of every loss term, "loss", "acc" (training batches) and "val_acc" (validation shots of the
-    method's classes, when there are any). ``log(record, epoch)`` is called after every epoch.
+    method's classes, when there are any; every ``val_every`` epochs and after the last). ``log(record, epoch)``
+    is called after every epoch.
     Methods that are not trained by SGD (zero-shot, linear probe) only run ``setup`` and return no epochs.
     """
     knobs = train_knobs(cfg)
@@ -124,7 +125,7 @@ def fit(method, features, positions: Sequence[int] | np.ndarray, cfg: dict | Non
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value * idx.numel()
         record = {"epoch": epoch, "lr": lr, **{k: v / n for k, v in sums.items()}}
-        if val_x is not None:
+        if val_x is not None and ((epoch + 1) % knobs["val_every"] == 0 or epoch + 1 == knobs["epochs"]):
             probs = predict(method, val_x, method.class_names, method.info, method.attributes,
                             batch_size=knobs["eval_batch_size"])
             record["val_acc"] = (probs.argmax(dim=1) == val_y).float().mean().item()

@@ -89,7 +89,16 @@ def test_train_knobs_are_validated():
         train_knobs({"train": {"batch_size": 0}})
     with pytest.raises(ValueError, match="train.lr must be a number >= 0"):
         train_knobs({"train": {"lr": -1}})
+    with pytest.raises(ValueError, match="train.val_every must be a positive integer, got 0"):
+        train_knobs({"train": {"val_every": 0}})
     assert train_knobs(None)["epochs"] == 50
+
+
+def test_validation_runs_every_val_every_epochs_and_after_the_last(tiny_backbone):
+    feats = features_for(tiny_backbone.embed_dim)
+    cfg = {"train": {"epochs": 7, "batch_size": 32, "lr": 0.05, "val_every": 3}}
+    history = fit(build_method("coop", tiny_backbone, cfg, INFO), feats, range(len(feats.pool_labels)), cfg, seed=0)
+    assert [r["epoch"] for r in history["epochs"] if "val_acc" in r] == [2, 5, 6]
 
 
 class _Exploding(Method):
@@ -198,3 +207,41 @@ def test_prompt_learners_recover_a_planted_prompt(tiny_clip):
     assert acc["zeroshot"] > 1.5 / 8, acc
     assert acc["coop"] > acc["zeroshot"] + 0.1, acc
     assert acc["biovlm"] > acc["zeroshot"] + 0.1, acc
+
+
+@pytest.mark.slow
+def test_prompt_learners_beat_zero_shot_on_twins_with_tiny_pretrained(tmp_path):
+    """The demo's science, end to end through the library: synthetic twins of all 11 datasets, frozen
+    `tiny-pretrained` features (pretrained on twins of another look: imperfect zero-shot transfer), attributes
+    filtered as the filter stage does, the demo profile's training knobs, 16 shots, one seed. On the held-out test
+    images, CoOp and BioVLM must beat the zero-shot template on average over the datasets."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from biovlm import attributes, data, filtering
+    from biovlm.backbone import load_backbone
+    from biovlm.config import load_config
+    from biovlm.features import extract_features, load_features
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml", {"profile": "demo"})
+    backbone = load_backbone(cfg["backbone"]["name"])
+    acc: dict[str, list[float]] = {"zeroshot": [], "coop": [], "biovlm": []}
+    for name, info in data.DATASETS.items():
+        data.make_synthetic(name, 28, cfg["data"]["synthetic_n"], seed=0, root=tmp_path)
+        path = extract_features(name, backbone, root=tmp_path, size=28, views=cfg["features"]["views"], seeds=[1],
+                                out=tmp_path / f"{name}.safetensors")
+        feats = load_features(path)
+        kept = filtering.filter_attributes(info, attributes.curated(name), backbone, feats, cfg["filter"]["keep"])
+        positions = feats.shots(1, 16)
+        for method in acc:
+            m = build_method(method, backbone, cfg, info, attributes=kept["kept"])
+            fit(m, feats, positions, cfg, seed=1)
+            probs = predict(m, feats.test_features, m.class_names, info, m.attributes)
+            acc[method].append((probs.argmax(1) == feats.test_labels).float().mean().item())
+    mean = {method: float(np.mean(v)) for method, v in acc.items()}
+    print("held-out accuracy, mean of 11 twins:", mean)
+    chance = float(np.mean([1 / info.n_classes for info in data.DATASETS.values()]))
+    assert mean["zeroshot"] > chance + 0.1, mean  # the backbone transfers, imperfectly
+    assert mean["coop"] > mean["zeroshot"] + 0.05, mean
+    assert mean["biovlm"] > mean["zeroshot"] + 0.05, mean

@@ -14,7 +14,7 @@ from biovlm.methods.base import Method, NotTransferable
 
 class LinearProbe(Method):
     name = "linear_probe"
-    DEFAULTS = {"C": 100.0, "max_iter": 1000}
+    DEFAULTS = {"C": 100.0, "max_iter": 1000, "tol": 1e-4}
     trainable = False
     class_specific = True
 
@@ -30,6 +30,8 @@ class LinearProbe(Method):
             raise ValueError(f"linear_probe.C (inverse L2 strength) must be > 0, got {self.knobs['C']!r}")
         if not isinstance(self.knobs["max_iter"], int) or self.knobs["max_iter"] < 1:
             raise ValueError(f"linear_probe.max_iter must be a positive integer, got {self.knobs['max_iter']!r}")
+        if not self.knobs["tol"] > 0:
+            raise ValueError(f"linear_probe.tol must be > 0, got {self.knobs['tol']!r}")
 
     def setup(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         from sklearn.linear_model import LogisticRegression
@@ -42,7 +44,8 @@ class LinearProbe(Method):
             raise ValueError(f"linear probe needs shots of every training class 0..{n_classes - 1}, got {present}")
         if n_classes == 1:
             raise ValueError("linear probe needs at least two classes")
-        clf = LogisticRegression(C=self.knobs["C"], max_iter=self.knobs["max_iter"], tol=1e-6)
+        clf = LogisticRegression(C=self.knobs["C"], max_iter=self.knobs["max_iter"],
+                                 tol=self.knobs["tol"])
         clf.fit(x, y)
         w, b = torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float()
         if n_classes == 2:  # sklearn stores one row for two classes: logits (0, w.x + b) give the same softmax
