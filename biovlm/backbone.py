@@ -650,3 +650,22 @@ def _crop_and_flip(images, scale, gen):
 
 
 _PRETRAIN_LOOP = pretrain_tiny  # its source is part of the cache key (a patched pretrain_tiny in a test keeps it)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m biovlm.backbone [name ...]``: build or fetch backbones into their caches ahead of a run (the
+    demo's ``tiny-pretrained`` is pretrained once, a few CPU-minutes; hub models are downloaded)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("names", nargs="*", default=["tiny-pretrained"], help="backbone names (default: tiny-pretrained)")
+    ap.add_argument("--cache-dir", default=None, help="tiny-pretrained: $BIOVLM_CACHE or ~/.cache/biovlm; hub: HF's")
+    args = ap.parse_args(argv)
+    for name in args.names:
+        t0 = time.perf_counter()
+        model = load_backbone(name, cache_dir=args.cache_dir)
+        print(f"{model} ready in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -195,3 +195,10 @@ def test_tiny_pretrained_classifies_synthetic_data_zero_shot(tmp_path):
     pretrained_look, benchmark_look = accuracy[bb_module.TINY_PRETRAIN["style"]], accuracy[0]
     assert pretrained_look > info["mean_chance"] + 0.4, accuracy
     assert info["mean_chance"] + 0.15 < benchmark_look < pretrained_look - 0.15, accuracy
+
+
+def test_command_line_prepares_named_backbones(capsys):
+    bb_module.main(["tiny"])
+    assert "Backbone('tiny', image_size=32, embed_dim=64" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown backbone 'nope'"):
+        bb_module.main(["nope"])
