@@ -69,7 +69,7 @@ _BERT_COMMON = {"model_type": "bert", "architectures": ["BertModel"], "hidden_ac
                 "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "type_vocab_size": 2,
                 "layer_norm_eps": 1e-12, "pad_token_id": 0, "initializer_range": 0.02}
 
-# tiny-pretrained: contrastive training on synthetic twins of all 11 datasets (captions: prompts.template_text).
+# tiny-pretrained: contrastive training on synthetic twins of all 11 datasets (see pretrain_tiny).
 # Captions per class and step: the template, else (context_p) random context words before the class name, else
 # (attribute_p) "<modality> of <class>, which has <attribute>" with one of the class's curated attributes.
 # The twins are drawn in another look (style) than the benchmark's own, so the demo has a domain gap to adapt to;
@@ -571,13 +571,14 @@ def pretrain_tiny(model, tokenizer, config: dict, device: str = "cpu", log: Call
         # Twins under a seed of their own: never the same images as a demo run's twins (seed 0 and up).
         _synthetic_twins(root, config["n_train"], config["n_test"], seed=1_000_003 + seed, style=config["style"])
         images, targets, captions, names, attribute_texts = [], [], [], [], []
+        sentences = curated_attribute_texts()
         for info in data.DATASETS.values():
             x, y = data.load_split(info.name, "train", 28, root)
             images.append(bb.prepare_images(x))
             targets.append(torch.from_numpy(y) + len(captions))
             captions += [prompts.template_text(info, c) for c in info.prompt_names]
             names += info.prompt_names
-            attribute_texts += curated_attribute_texts()[info.name]
+            attribute_texts += sentences[info.name]
         images, targets = torch.cat(images), torch.cat(targets).to(bb.device)
         itself = torch.arange(len(captions), device=bb.device)
         words = sorted(set(_bert_words(registry_texts())) - set(".,-()'"))
