@@ -360,6 +360,7 @@ def _synthetic_images(name: str, labels: np.ndarray, size: int, rng: np.random.G
     ``style`` picks the look (background, stripe frequency, tint) of a dataset; the same for any ``rng``.
     """
     info = get_dataset(name)
+    # style 0 keeps the seed of the original twins, so their images (and md5s) are unchanged
     style_rng = np.random.default_rng([style, *name.encode()] if style else list(name.encode()))
     background = style_rng.uniform(40, 120)
     frequency = style_rng.uniform(2.0, 4.0)
