@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from biovlm import backbone as bb_module
+from biovlm import standins
 from biovlm.backbone import BackboneUnavailableError, load_backbone
 from biovlm.data import DATASETS
 from biovlm.prompts import PLACEHOLDER, attribute_text, context_prompt, template_text
@@ -132,16 +133,16 @@ def test_tiny_models_describe_themselves(tiny_backbone, tiny_clip):
 
 
 def test_tiny_vocabulary_covers_every_registry_word_and_any_text(tiny_backbone):
-    vocab = bb_module.tiny_vocab()
-    assert vocab == bb_module.tiny_vocab() and vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = standins.tiny_vocab()
+    assert vocab == standins.tiny_vocab() and vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     unk = vocab.index("[UNK]")
-    ids, _ = tiny_backbone.tokenize(bb_module.registry_texts())
+    ids, _ = tiny_backbone.tokenize(standins.registry_texts())
     assert not (ids == unk).any()
-    words = bb_module._bert_words(bb_module.registry_texts())
+    words = standins._bert_words(standins.registry_texts())
     assert set(words) <= set(vocab) and "x" in vocab
     ids, mask = tiny_backbone.tokenize(["Zebrafish-42 ~{}"])
     assert not (ids == unk).any() and int(mask.sum()) > 5  # unknown words fall back to characters
-    padded = bb_module.tiny_vocab(1000)
+    padded = standins.tiny_vocab(1000)
     assert len(padded) == 1000 and padded[: len(vocab)] == vocab and padded[-1] == f"[unused{1000 - len(vocab) - 1}]"
 
 
@@ -154,51 +155,26 @@ def test_biomedclip_random_has_biomedclips_exact_architecture():
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (30522, 768, 12, 12)
     assert type(text.pooler).__name__ == "ClsLastHiddenStatePooler" and len(text.proj) == 3  # mlp projection
     assert sum(p.numel() for p in model.model.parameters()) == 195_902_721
-    assert model.mean == bb_module.OPENAI_MEAN and model.std == bb_module.OPENAI_STD
+    assert model.mean == standins.OPENAI_MEAN and model.std == standins.OPENAI_STD
     ids, mask = model.tokenize(TEXTS[:2])
     ours = model.encode_text_embeddings(model.token_embeddings(ids), mask)
     assert (ours - _own_encode_text(model, model.tokenizer(TEXTS[:2]))).abs().max() <= 1e-5  # 256 tokens
 
 
-def test_tiny_pretrained_is_cached_and_deterministic(tmp_path, monkeypatch):
-    quick = {"steps": 4, "text_warmup": 2, "warmup": 2, "batch_size": 16, "n_train": 11, "n_test": 11}
-    model, _, info = bb_module.build_tiny_pretrained(quick, cache_dir=tmp_path / "a")
-    path = bb_module.tiny_pretrained_path(quick, tmp_path / "a")
-    assert path.exists() and path.name.startswith("tiny-pretrained-")
-    assert info["config"]["steps"] == 4 and set(info["zero_shot_test_accuracy"]) == set(DATASETS)
-    again, _, _ = bb_module.build_tiny_pretrained(quick, cache_dir=tmp_path / "b")  # trained afresh elsewhere
-    assert _same_weights(model, again)
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("a cached build must not train again")
-
-    monkeypatch.setattr(bb_module, "pretrain_tiny", no_training)
-    cached, _, cached_info = bb_module.build_tiny_pretrained(quick, cache_dir=tmp_path / "a")
-    assert cached_info == info
-    assert _same_weights(model, cached)
-    assert bb_module.tiny_pretrained_path({**quick, "seed": 1}, tmp_path / "a") != path
-
-
-@pytest.mark.slow
-def test_tiny_pretrained_classifies_synthetic_data_zero_shot(tmp_path):
-    """The full build (cached per machine): zero-shot accuracy on held-out twins far above chance in the look it
-    was pretrained on, and above chance but clearly lower in the benchmark twins' own look (the domain gap that
-    gives the demo's prompt learners something to learn)."""
-    model = load_backbone("tiny-pretrained")
-    info = model.info
-    assert info["mean_zero_shot_accuracy"] > info["mean_chance"] + 0.4
-    accuracy = {}
-    for style in (bb_module.TINY_PRETRAIN["style"], 0):
-        root = tmp_path / f"style{style}"
-        bb_module._synthetic_twins(root, n_train=11, n_test=110, seed=123, style=style)  # images never seen
-        accuracy[style] = np.mean([bb_module.zero_shot_accuracy(model, name, root) for name in DATASETS])
-    pretrained_look, benchmark_look = accuracy[bb_module.TINY_PRETRAIN["style"]], accuracy[0]
-    assert pretrained_look > info["mean_chance"] + 0.4, accuracy
-    assert info["mean_chance"] + 0.15 < benchmark_look < pretrained_look - 0.15, accuracy
-
-
 def test_command_line_prepares_named_backbones(capsys):
     bb_module.main(["tiny"])
-    assert "Backbone('tiny', image_size=32, embed_dim=64" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Backbone('tiny', image_size=32, embed_dim=64" in out
+    assert f"weights sha256 {load_backbone('tiny').fingerprint[:16]}" in out
     with pytest.raises(ValueError, match="unknown backbone 'nope'"):
         bb_module.main(["nope"])
+
+
+def test_fingerprint_is_a_hash_of_every_weight(tiny_backbone):
+    again = load_backbone("tiny")
+    assert again.fingerprint == tiny_backbone.fingerprint and len(again.fingerprint) == 64
+    with torch.no_grad():
+        next(again.model.text.parameters()).view(-1)[0] += 1e-6  # one weight of the text tower
+    del again.__dict__["fingerprint"]  # cached per instance
+    assert again.fingerprint != tiny_backbone.fingerprint
+
