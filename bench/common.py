@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,31 +16,16 @@ if str(REPO) not in sys.path:  # `python bench/x.py` from anywhere imports this 
     sys.path.insert(0, str(REPO))
 
 
-def cpu_model() -> str:
-    """The CPU model name as lscpu prints it (falls back to /proc/cpuinfo, then platform)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
     """Where the figures come from: CPU, cores, torch threads, GPU (if any), and the load average at this moment
     (a load above the core count means other processes shared the CPU while the figures were taken)."""
     import torch
 
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2)}
+    from biovlm import environment
+
+    info = {"cpu": environment.processor(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "packages": environment.package_versions(), "torch_threads": torch.get_num_threads(),
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

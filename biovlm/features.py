@@ -133,7 +133,7 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
 
     meta = {"format": FORMAT_VERSION, "dataset": dataset, "backbone": backbone.name, "size": size, "views": views,
             "seeds": seeds, "max_shots": max_shots, "embed_dim": backbone.embed_dim, "n_classes": info.n_classes,
-            "seed": seed}
+            "seed": seed, "weights_sha256": backbone.fingerprint}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

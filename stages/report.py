@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+from biovlm import environment
 from biovlm.config import REPORT_DIR, RESULTS_DIR, load_config, stage_main
 from biovlm.evaluate import load_results
 from biovlm.report import write_report
@@ -22,6 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     data = f"{cfg['data']['size']} px " + ("synthetic twins" if cfg["data"]["synthetic"] else "MedMNIST+")
     header = (f"Configuration: profile `{cfg['_profile']}`; backbone `{cfg['backbone']['name']}`, {data}, "
               f"seeds {cfg['seeds']}, {cfg['train']['epochs']} epochs (see params.yaml and dvc.lock).")
+    env_file = Path(args.results) / "environment.json"
+    if env_file.exists():
+        header += "\n\nEnvironment: " + environment.summary_line(json.loads(env_file.read_text())) + "."
     paths = write_report(df, args.out, cfg["methods"], cfg["datasets"], header=header)
     print("report: " + ", ".join(str(p) for p in paths))
 

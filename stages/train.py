@@ -10,10 +10,12 @@ k<K>_seed<S>/<term>.tsv``, step = epoch); ``--no-live`` turns that off.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
 
+from biovlm import environment
 from biovlm.config import (
     CHECKPOINTS_DIR,
     FEATURES_DIR,
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     b = cfg["backbone"]
     backbone = load_backbone(b["name"], device=torch_device(cfg), cache_dir=b["cache_dir"])
     print(f"  inputs and backbone ready in {time.perf_counter() - t0:.1f} s on {backbone.device}")
+    check_weights(backbone, inputs)
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    record = environment.describe(str(backbone.device), backbone)
+    (results_dir / "environment.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    print(f"  environment: {environment.summary_line(record)}")
 
     if set(args.methods) == set(cfg["methods"]):  # checkpoints of methods no longer benchmarked
         for stale in sorted(Path(args.checkpoints).glob("*")):
@@ -67,12 +75,22 @@ def main(argv: list[str] | None = None) -> None:
             live = Live(dir=str(Path(args.live) / method), save_dvc_exp=False, dvcyaml=None)
             log = _live_logger(live)
         results = run_method(method, cfg, backbone, inputs, Path(args.checkpoints) / method, log=log)
-        out = Path(args.results) / f"{method}.csv"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = results_dir / f"{method}.csv"
         results.to_csv(out, index=False, float_format="%.6g")
         if live is not None:
             live.end()
         print(f"train {method}: {len(results)} rows -> {out} ({time.perf_counter() - t0:.1f} s)")
+
+
+def check_weights(backbone, inputs: dict) -> None:
+    """Refuse features that another set of weights made (another machine's download, a half-loaded model)."""
+    from biovlm.runs import InputError
+
+    for name, item in inputs.items():
+        made_by = item.features.meta.get("weights_sha256")
+        if made_by != backbone.fingerprint:
+            raise InputError(f"features of {name} were made by weights with sha256 {made_by}, but the loaded "
+                             f"{backbone.name} has {backbone.fingerprint}: rerun the features stage (dvc repro)")
 
 
 def _live_logger(live):

@@ -28,7 +28,8 @@ def test_file_holds_every_part_with_the_right_shapes(feature_file, synthetic_roo
                                                                       ("plain", "weak", "strong")}
     assert torch.allclose(fs.pool_clean.norm(dim=-1), torch.ones(len(pool)), atol=1e-3)
     assert fs.meta == {"format": 1, "dataset": "bloodmnist", "backbone": "tiny", "size": 28, "views": 2,
-                       "seeds": [1, 2], "max_shots": 4, "embed_dim": d, "n_classes": 8, "seed": 0}
+                       "seeds": [1, 2], "max_shots": 4, "embed_dim": d, "n_classes": 8, "seed": 0,
+                       "weights_sha256": tiny_backbone.fingerprint}
 
 
 def test_cached_features_equal_direct_computation(feature_file, synthetic_root, tiny_backbone):
