@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import atexit
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-SHARED_MEDMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MEDMNIST = ROOT.parent / "shared" / "data" / "medmnist"
+
+
+def committed_file(rel: str) -> str:
+    """A file as committed (git's HEAD), not as the workspace holds it: `dvc exp run` leaves an experiment's
+    params.yaml (`profile: demo`, changed knobs) behind, and the tests must not depend on that. Outside a git
+    checkout (an unpacked sdist) the file itself."""
+    try:
+        return subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return (ROOT / rel).read_text()
+
+
+COMMITTED_PARAMS = Path(tempfile.mkdtemp(prefix="biovlm-committed-")) / "params.yaml"
+"""A copy of the committed params.yaml for every test that reads the configuration."""
+COMMITTED_PARAMS.write_text(committed_file("params.yaml"))
+atexit.register(shutil.rmtree, COMMITTED_PARAMS.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

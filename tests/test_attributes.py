@@ -368,9 +368,10 @@ def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None):
     import sys
 
     import yaml
+    from conftest import COMMITTED_PARAMS
 
     root = Path(__file__).resolve().parents[1]
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = yaml.safe_load(COMMITTED_PARAMS.read_text())
     params["llm"].update(llm)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}

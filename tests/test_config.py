@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import COMMITTED_PARAMS
 
 from biovlm.config import (
     METHOD_KNOBS,
@@ -23,7 +24,7 @@ from biovlm.config import (
 from biovlm.data import DATASETS
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = ROOT / "params.yaml"
+PARAMS = COMMITTED_PARAMS
 
 
 def raw() -> dict:

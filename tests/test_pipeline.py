@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import COMMITTED_PARAMS
 
 from biovlm import runs
 from biovlm.config import load_config
@@ -29,7 +30,7 @@ def small_config(**overrides) -> dict:
             "train.batch_size": 8, "biovlm.bank_size": 3,
             "profiles.demo.crossdata.sources": "all"}  # the demo's own source list holds one of DATASETS2
     base.update(overrides)
-    return load_config(ROOT / "params.yaml", base)
+    return load_config(COMMITTED_PARAMS, base)
 
 
 def fake_inputs(dataset: str, dim: int, max_shots: int = 4, n_test: int = 33, seed: int = 0) -> runs.DatasetInputs:
@@ -230,6 +231,7 @@ def test_dvc_pipeline_end_to_end(tmp_path):
         if (ROOT / rel).is_file():
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, repo / rel)
+    (repo / "params.yaml").write_text(COMMITTED_PARAMS.read_text())  # not an applied experiment's values
     _git(["init", "-q"], repo)
     _git(["add", "-A"], repo)
     _git(["commit", "-qm", "copy"], repo)
