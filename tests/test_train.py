@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import COMMITTED_PARAMS
 from torch import nn
 
 from biovlm.data import get_dataset
@@ -210,13 +211,11 @@ def test_prompt_learners_recover_a_planted_prompt(tiny_clip):
 
 
 @pytest.mark.slow
-def test_prompt_learners_beat_zero_shot_on_twins_with_tiny_pretrained(tmp_path):
-    """The demo's science, end to end through the library: synthetic twins of all 11 datasets, frozen
-    `tiny-pretrained` features (pretrained on twins of another look: imperfect zero-shot transfer), attributes
-    filtered as the filter stage does, the demo profile's training knobs, 16 shots, one seed. On the held-out test
-    images, CoOp and BioVLM must beat the zero-shot template on average over the datasets."""
-    from pathlib import Path
-
+def test_demo_learns_with_the_shipped_tiny_pretrained(tmp_path):
+    """The demo's science, through the library on the shipped weights: synthetic twins of all 11 datasets, the
+    demo profile's views, shots, seeds and training knobs, attributes filtered as the filter stage does. Averaged
+    over the datasets and the demo's seeds, on held-out test images: zero-shot at least 10 points above chance;
+    CoOp and BioVLM at K = 16 at least 5 points above zero-shot, and above their own K = 1."""
     import numpy as np
 
     from biovlm import attributes, data, filtering
@@ -224,24 +223,30 @@ def test_prompt_learners_beat_zero_shot_on_twins_with_tiny_pretrained(tmp_path):
     from biovlm.config import load_config
     from biovlm.features import extract_features, load_features
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml", {"profile": "demo"})
+    cfg = load_config(COMMITTED_PARAMS, {"profile": "demo"})
     backbone = load_backbone(cfg["backbone"]["name"])
-    acc: dict[str, list[float]] = {"zeroshot": [], "coop": [], "biovlm": []}
+    assert backbone.name == "tiny-pretrained"
+    seeds, shots = cfg["seeds"], cfg["fewshot"]["shots"]
+    acc: dict[tuple[str, int], list[float]] = {}
     for name, info in data.DATASETS.items():
-        data.make_synthetic(name, 28, cfg["data"]["synthetic_n"], seed=0, root=tmp_path)
-        path = extract_features(name, backbone, root=tmp_path, size=28, views=cfg["features"]["views"], seeds=[1],
-                                out=tmp_path / f"{name}.safetensors")
+        data.make_synthetic(name, 28, cfg["data"]["synthetic_n"], seed=cfg["data"]["synthetic_seed"], root=tmp_path)
+        path = extract_features(name, backbone, root=tmp_path, size=28, views=cfg["features"]["views"], seeds=seeds,
+                                out=tmp_path / f"{name}.safetensors", seed=cfg["features"]["seed"])
         feats = load_features(path)
         kept = filtering.filter_attributes(info, attributes.curated(name), backbone, feats, cfg["filter"]["keep"])
-        positions = feats.shots(1, 16)
-        for method in acc:
-            m = build_method(method, backbone, cfg, info, attributes=kept["kept"])
-            fit(m, feats, positions, cfg, seed=1)
-            probs = predict(m, feats.test_features, m.class_names, info, m.attributes)
-            acc[method].append((probs.argmax(1) == feats.test_labels).float().mean().item())
-    mean = {method: float(np.mean(v)) for method, v in acc.items()}
-    print("held-out accuracy, mean of 11 twins:", mean)
+        for seed in seeds:
+            for k in (min(shots), max(shots)):
+                for method in ("zeroshot", "coop", "biovlm"):
+                    m = build_method(method, backbone, cfg, info, attributes=kept["kept"])
+                    fit(m, feats, feats.shots(seed, k), cfg, seed=seed)
+                    probs = predict(m, feats.test_features, m.class_names, info, m.attributes)
+                    correct = (probs.argmax(1) == feats.test_labels).float().mean().item()
+                    acc.setdefault((method, k), []).append(correct)
+    mean = {f"{method}@{k}": round(float(np.mean(v)), 4) for (method, k), v in acc.items()}
+    print("held-out accuracy, mean over 11 twins and the demo's seeds:", mean)
     chance = float(np.mean([1 / info.n_classes for info in data.DATASETS.values()]))
-    assert mean["zeroshot"] > chance + 0.1, mean  # the backbone transfers, imperfectly
-    assert mean["coop"] > mean["zeroshot"] + 0.05, mean
-    assert mean["biovlm"] > mean["zeroshot"] + 0.05, mean
+    k1, k16 = min(shots), max(shots)
+    assert mean[f"zeroshot@{k16}"] >= chance + 0.10, mean  # the backbone transfers, imperfectly
+    for method in ("coop", "biovlm"):
+        assert mean[f"{method}@{k16}"] >= mean[f"zeroshot@{k16}"] + 0.05, (method, mean)
+        assert mean[f"{method}@{k16}"] > mean[f"{method}@{k1}"], (method, mean)
