@@ -1,12 +1,12 @@
-"""Wall time of the whole demo profile through DVC, end to end, in a fresh copy of the repository.
+"""The demo's figures: ``dvc exp run -S profile=demo`` end to end in a fresh copy of the repository, timed, and
+the accuracies it produced, written to ``docs/figures/demo.md`` (and ``.json``) and to the README's demo table.
 
 The files git knows (tracked, plus untracked ones that are not ignored: the working tree as it would be committed)
-are copied to a temporary folder, which becomes a new git repository with one commit; there
-``dvc exp run -S profile=demo`` runs every stage (synthetic twins, attributes, features, filter, training of every
-method, evaluation, report) with the copy's own ``biovlm`` package first on ``PYTHONPATH``. By default the backbone
-cache (``BIOVLM_CACHE``) is a fresh empty folder, so the time includes the one-time offline pretraining of the
-``tiny-pretrained`` backbone, as a first run on a new machine would; ``--warm-cache`` uses the existing cache.
-Per-stage times are the intervals between DVC's "Running stage" lines.
+are copied to a temporary folder, which becomes a new git repository with one commit; there the demo runs every
+stage (synthetic twins, attributes, features, filter, training of every method, evaluation, report) with the
+copy's own ``biovlm`` package first on ``PYTHONPATH`` and empty caches (``BIOVLM_CACHE``, ``HF_HOME``), as on a new
+machine. Per-stage times are the intervals between DVC's "Running stage" lines. The figures file names the machine,
+the package versions and the commit beside the numbers; ``--no-write`` only prints.
 
 Run: ``python bench/demo.py``. The last output line is JSON.
 """
@@ -14,6 +14,7 @@ Run: ``python bench/demo.py``. The last output line is JSON.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,12 @@ from pathlib import Path
 
 from common import REPO, emit, machine
 
+from biovlm import data, environment
+
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+FIGURES = REPO / "docs" / "figures" / "demo.md"
+README_START, README_END = "<!-- demo-figures:start (written by bench/demo.py) -->", "<!-- demo-figures:end -->"
+LEARNERS = ("coop", "biovlm")  # the prompt learners whose learning the demo must show
 
 
 def copy_repo(dest: Path) -> int:
@@ -67,9 +73,80 @@ def run_demo(work: Path, env: dict, command: list[str]) -> tuple[float, list[tup
     return time.perf_counter() - t0, starts, code, lines
 
 
+def demo_accuracy(metrics: Path) -> dict:
+    """Per method, the dataset-average accuracy (mean over seeds) at each K, base-to-novel HM and cross-dataset
+    transfer, in percent, from the demo's metrics files; ``chance`` is the mean chance level of the 11 datasets."""
+    fewshot = json.loads((metrics / "fewshot.json").read_text())
+    summary = json.loads((metrics / "summary.json").read_text())
+    out: dict = {"chance": round(100 * sum(1 / i.n_classes for i in data.DATASETS.values()) / len(data.DATASETS), 1)}
+    for method, per_k in fewshot.items():
+        row = {k: round(v["average"]["accuracy"]["mean"], 1) for k, v in per_k.items()}
+        for setting in ("base2new", "crossdata"):
+            if method in summary.get(setting, {}):
+                row[setting] = round(summary[setting][method], 1)
+        out[method] = row
+    return out
+
+
+def learning_checks(acc: dict) -> dict[str, bool]:
+    """The demo's promise (issue: reproducible demo): zero-shot clearly above chance, the prompt learners clearly
+    above zero-shot at the largest K, and above their own smallest K."""
+    ks = sorted(acc["zeroshot"], key=lambda k: int(k[1:]) if k.startswith("k") and k[1:].isdigit() else 10**9)
+    ks = [k for k in ks if k[1:].isdigit()]
+    k_lo, k_hi = ks[0], ks[-1]
+    zs = acc["zeroshot"][k_hi]
+    checks = {f"zero-shot {zs} >= chance {acc['chance']} + 10": zs >= acc["chance"] + 10}
+    for m in LEARNERS:
+        checks[f"{m} {acc[m][k_hi]} >= zero-shot {zs} + 5 at {k_hi}"] = acc[m][k_hi] >= zs + 5
+        checks[f"{m} {k_hi} {acc[m][k_hi]} > {k_lo} {acc[m][k_lo]}"] = acc[m][k_hi] > acc[m][k_lo]
+    return checks
+
+
+def figures_markdown(fig: dict, short: bool = False) -> str:
+    """The accuracy table (and, unless ``short``, timings and environment) as markdown."""
+    acc = fig["accuracy"]
+    ks = [k for k in next(v for m, v in acc.items() if m != "chance") if k.startswith("k")]
+    head = ["method", *(f"few-shot K={k[1:]}" for k in ks), "base-to-novel HM", "cross-dataset"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in acc.items():
+        if method == "chance":
+            continue
+        cells = [row.get(k, "n/a") for k in ks] + [row.get("base2new", "n/a"), row.get("crossdata", "n/a")]
+        lines.append(f"| {method} | " + " | ".join(str(c) for c in cells) + " |")
+    env = fig["environment"]
+    note = (f"Accuracy in %, mean of the 11 synthetic twins and the demo's seeds (chance {acc['chance']}). "
+            f"`dvc exp run -S profile=demo` took {fig['seconds']:.0f} s on {env['machine']['processor']} "
+            f"({env['machine']['cores']} cores), commit {env['git_commit'][:12]}.")
+    if short:
+        return "\n".join([*lines, "", note])
+    stages = ", ".join(f"{k} {v} s" for k, v in fig["stage_groups_s"].items())
+    versions = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
+    checks = "\n".join(f"- {'met' if ok else '**not met**'}: {c}" for c, ok in fig["learning"].items())
+    return "\n".join([
+        "# Demo figures", "", "Written by `python bench/demo.py` (do not edit by hand): the offline demo profile run "
+        "end to end through DVC in a fresh copy of the repository, with empty caches.", "", *lines, "", note, "",
+        "## What the demo must show", "", checks, "", "## Time per stage", "", stages, "", "## Environment", "",
+        f"- machine: {env['machine']['processor']}, {env['machine']['cores']} cores, Python "
+        f"{env['machine']['python']}, {env['machine']['platform']}", f"- packages: {versions}",
+        f"- commit: {env['git_commit']}", ""])
+
+
+def write_figures(fig: dict) -> None:
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    FIGURES.write_text(figures_markdown(fig))
+    FIGURES.with_suffix(".json").write_text(json.dumps(fig, indent=2) + "\n")
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if README_START in text and README_END in text:
+        before, rest = text.split(README_START, 1)
+        after = rest.split(README_END, 1)[1]
+        readme.write_text(f"{before}{README_START}\n{figures_markdown(fig, short=True)}\n{README_END}{after}")
+    print(f"wrote {FIGURES}, {FIGURES.with_suffix('.json')} and the README's demo table")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--warm-cache", action="store_true", help="reuse the existing backbone cache (BIOVLM_CACHE)")
+    ap.add_argument("--no-write", action="store_true", help="print the figures only (no docs/README update)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
     ap.add_argument("--target-s", type=float, default=300.0)
     args = ap.parse_args(argv)
@@ -82,11 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
         git("add", "-A", cwd=work)
         git("commit", "-q", "-m", "bench copy", cwd=work)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")]))}
-        if not args.warm_cache:
-            env["BIOVLM_CACHE"] = str(cache)
+        env.update(BIOVLM_CACHE=str(cache / "biovlm"), HF_HOME=str(cache / "hf"))
         command = ["dvc", "exp", "run", "-S", "profile=demo"]
-        print(f"copied {n} files to {work}; running `{' '.join(command)}` "
-              f"({'existing' if args.warm_cache else 'empty'} backbone cache)", flush=True)
+        print(f"copied {n} files to {work}; running `{' '.join(command)}` (empty caches)", flush=True)
         seconds, starts, code, lines = run_demo(work, env, command)
         if code != 0:
             raise RuntimeError(f"`{' '.join(command)}` failed with exit code {code}; output above (copy: {work})")
@@ -101,9 +176,16 @@ def main(argv: list[str] | None = None) -> dict:
         met = seconds <= args.target_s
         print(f"demo profile end to end: {seconds:.1f} s ({seconds / 60:.1f} min; target <= {args.target_s:g} s: "
               f"{'met' if met else 'NOT met'})")
+        accuracy = demo_accuracy(work / "metrics")
+        checks = learning_checks(accuracy)
+        for check, ok in checks.items():
+            print(f"{'met' if ok else 'NOT MET'}: {check}")
         figures = {"bench": "demo", "seconds": round(seconds, 1), "target_s": args.target_s, "met": met,
-                   "cold_backbone_cache": not args.warm_cache, "stages_s": stages, "stage_groups_s": groups,
+                   "stages_s": stages, "stage_groups_s": groups, "accuracy": accuracy, "learning": checks,
+                   "environment": {**environment.describe(), "git_commit": environment.git_commit(REPO)},
                    "machine": machine()}
+        if not args.no_write:
+            write_figures(figures)
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -71,3 +71,58 @@ def test_reference_pattern_gives_the_project_loss_and_gradient(train_step, tiny_
         _, ref_stats = reference.loss(views, labels)
     assert stats["kd"] == pytest.approx(batchmean["kd"] / (10 * 11), rel=1e-5)
     assert ref_stats["kd"] == pytest.approx(stats["kd"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def demo_bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("demo")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _fake_metrics(folder: Path, coop16: float) -> None:
+    import json
+
+    def acc(v):
+        return {"average": {"accuracy": {"mean": v, "std": 0.0}}}
+
+    folder.mkdir()
+    fewshot = {"zeroshot": {"k1": acc(60.04), "k16": acc(60.04)}, "coop": {"k1": acc(80.0), "k16": acc(coop16)},
+               "biovlm": {"k1": acc(85.0), "k16": acc(90.0)}, "linear_probe": {"k1": acc(70.0), "k16": acc(95.0)}}
+    summary = {"fewshot": {}, "base2new": {"zeroshot": 50.0, "coop": 55.5, "biovlm": 60.0},
+               "crossdata": {"zeroshot": 40.0, "coop": 35.0, "biovlm": 38.0}}
+    (folder / "fewshot.json").write_text(json.dumps(fewshot))
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_demo_figures_come_from_the_metrics_and_replace_the_readme_block(demo_bench, tmp_path, monkeypatch):
+    _fake_metrics(tmp_path / "metrics", coop16=79.0)
+    acc = demo_bench.demo_accuracy(tmp_path / "metrics")
+    assert acc["chance"] == 20.2 and acc["zeroshot"] == {"k1": 60.0, "k16": 60.0, "base2new": 50.0,
+                                                         "crossdata": 40.0}
+    assert acc["linear_probe"] == {"k1": 70.0, "k16": 95.0}  # no base2new or crossdata: not applicable
+    checks = demo_bench.learning_checks(acc)
+    assert checks == {"zero-shot 60.0 >= chance 20.2 + 10": True, "coop 79.0 >= zero-shot 60.0 + 5 at k16": True,
+                      "coop k16 79.0 > k1 80.0": False, "biovlm 90.0 >= zero-shot 60.0 + 5 at k16": True,
+                      "biovlm k16 90.0 > k1 85.0": True}
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{demo_bench.README_START}\nold numbers\n{demo_bench.README_END}\noutro\n")
+    monkeypatch.setattr(demo_bench, "REPO", tmp_path)
+    monkeypatch.setattr(demo_bench, "FIGURES", tmp_path / "docs" / "demo.md")
+    env = {"machine": {"processor": "Test CPU", "cores": 2, "python": "3.11.7", "platform": "Linux"},
+           "packages": {"torch": "2.14.1"}, "git_commit": "0123456789abcdef"}
+    fig = {"accuracy": acc, "learning": checks, "seconds": 250.4, "stage_groups_s": {"train": 200.0},
+           "environment": env}
+    demo_bench.write_figures(fig)
+    text = readme.read_text()
+    assert "old numbers" not in text and text.startswith("intro\n")
+    assert text.endswith(f"{demo_bench.README_END}\noutro\n")
+    assert "| coop | 80.0 | 79.0 | 55.5 | 35.0 |" in text and "| linear_probe | 70.0 | 95.0 | n/a | n/a |" in text
+    assert "took 250 s on Test CPU (2 cores), commit 0123456789ab" in text
+    page = (tmp_path / "docs" / "demo.md").read_text()
+    assert "- **not met**: coop k16 79.0 > k1 80.0" in page and "- packages: torch 2.14.1" in page
+    demo_bench.write_figures(fig)  # idempotent: the block is replaced, not appended
+    assert readme.read_text() == text
