@@ -187,10 +187,14 @@ def _base2new_per_seed(rows: pd.DataFrame) -> pd.DataFrame:
 
 def base2new_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
                      datasets: Sequence[str] | None = None) -> dict:
-    """{method: {dataset | "average": {"base": {metric: ...}, "novel": {...}, "hm": {mean, std}}}}.
+    """{method: {dataset | "average": {"base": {metric: ...}, "novel": {...}, "hm": {"mean"},
+    "hm_per_seed": {mean, std}}}}.
 
-    The average HM is the mean over datasets (within a seed) of the per-dataset harmonic means. A method that
-    cannot classify unseen classes (linear probe) has no novel rows, so no novel and no HM entries."""
+    ``hm`` is the published harmonic mean (CoCoOp's and BiomedCoOp's tables): per dataset, HM of the seed-mean base
+    and seed-mean novel accuracies; in the average row, HM of the average base and average novel accuracies, so the
+    HM column always equals 2ab/(a+b) of the base and novel columns. ``hm_per_seed`` is the mean and std over seeds
+    of per-seed HMs (in the average row: of the per-seed means over datasets), lower than ``hm`` since HM is
+    concave. A method that cannot classify unseen classes (linear probe) has no novel rows, so no novel and no HM."""
     df = df[df.setting == "base2new"]
     out: dict = {}
     for method in _order(df.method, methods):
@@ -200,15 +204,19 @@ def base2new_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
         for ds in _order(rows.target, datasets):
             entry = {part: stats for part in ("base", "novel")
                      if (stats := _seed_stats(rows[(rows.target == ds) & (rows.part == part)]))}
-            if hm := _mean_std(per_seed.loc[per_seed.target == ds, "hm"]):
-                entry["hm"] = hm
-            out[method][ds] = entry
+            out[method][ds] = {**entry, **_hm_entries(entry, per_seed.loc[per_seed.target == ds, "hm"])}
         average = {part: stats for part in ("base", "novel")
                    if (stats := _average_over(rows[rows.part == part], "target"))}
-        if not per_seed["hm"].isna().all():
-            average["hm"] = _mean_std(per_seed.groupby("seed")["hm"].mean())
-        out[method][AVERAGE] = average
+        out[method][AVERAGE] = {**average, **_hm_entries(average, per_seed.groupby("seed")["hm"].mean())}
     return out
+
+
+def _hm_entries(parts: dict, per_seed_hm: pd.Series) -> dict:
+    """``hm`` (HM of the reported base and novel mean accuracies) and ``hm_per_seed``, where novel exists."""
+    if "novel" not in parts or "base" not in parts:
+        return {}
+    hm = harmonic_mean(parts["base"]["accuracy"]["mean"], parts["novel"]["accuracy"]["mean"])
+    return {"hm": {"mean": round(float(hm), 4)}, "hm_per_seed": _mean_std(per_seed_hm)}
 
 
 def crossdata_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,

@@ -41,6 +41,7 @@ class Table:
     marked_rows: list[str] = field(default_factory=list)
     row_title: str = "Dataset"
     bold: bool = True
+    show_std: bool = True  # False for numbers computed from means (the harmonic mean): no spread over seeds
 
 
 def _ordered(values, preferred: Sequence | None) -> list:
@@ -70,10 +71,14 @@ def _fmt(mean: float, std: float, bold: bool, latex: bool) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "--" if latex else NA
     pm = r" $\pm$ " if latex else " ± "
-    text = f"{mean:.1f}{pm}{0.0 if math.isnan(std) else std:.1f}"
+    text = f"{mean:.1f}" if std is None else f"{mean:.1f}{pm}{0.0 if math.isnan(std) else std:.1f}"
     if bold:
         return rf"\textbf{{{text}}}" if latex else f"**{text}**"
     return text
+
+
+def _std(table: Table, label: str, method: str) -> float | None:
+    return table.std.at[label, method] if table.show_std else None
 
 
 def _best(row: pd.Series, higher: bool) -> set:
@@ -90,7 +95,7 @@ def to_markdown(table: Table) -> str:
              "|---|" + "---:|" * len(methods)]
     for label in table.mean.index:
         best = _best(table.mean.loc[label], table.higher_is_better) if table.bold else set()
-        cells = [_fmt(table.mean.at[label, m], table.std.at[label, m], m in best, latex=False) for m in methods]
+        cells = [_fmt(table.mean.at[label, m], _std(table, label, m), m in best, latex=False) for m in methods]
         shown = f"**{label}**" if label == "Average" else label
         if label in table.marked_rows:
             shown += f" {TRIVIAL_MARK}"
@@ -115,7 +120,7 @@ def to_latex(table: Table) -> str:
         if label == "Average":
             lines.append(r"\midrule")
         best = _best(table.mean.loc[label], table.higher_is_better) if table.bold else set()
-        cells = [_fmt(table.mean.at[label, m], table.std.at[label, m], m in best, latex=True) for m in methods]
+        cells = [_fmt(table.mean.at[label, m], _std(table, label, m), m in best, latex=True) for m in methods]
         shown = _tex_escape(label) + (r"$^\dagger$" if label in table.marked_rows else "")
         lines.append(shown + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -158,14 +163,20 @@ def base2new_tables(df: pd.DataFrame, methods: Sequence[str], datasets: Sequence
     shots = int(rows.shots.max())
     pivot = rows.pivot_table(index=["method", "target", "seed"], columns="part", values="accuracy")
     pivot = pivot.reindex(columns=["base", "novel"]).reset_index()
-    pivot["hm"] = harmonic_mean(pivot["base"].to_numpy(), pivot["novel"].to_numpy())
     trivial = sorted(set(rows.loc[(rows.part == "base") & (rows.n_classes == 1), "target"]))
     tables = []
     for part, title in (("base", "base classes"), ("novel", "novel classes"), ("hm", "harmonic mean")):
-        values = pd.DataFrame({"row": pivot.target, "method": pivot.method, "seed": pivot.seed,
-                               "value": pivot[part]})
-        table = pivot_table(values, datasets, methods, f"base2new_{part}",
-                            f"Base-to-novel accuracy (%), {title}, {shots} shots per base class")
+        caption = f"Base-to-novel accuracy (%), {title}, {shots} shots per base class"
+        if part == "hm":  # the published HM: of the mean base and mean novel cells above, the average row too
+            base, novel = tables[0], tables[1]
+            hm = pd.DataFrame(harmonic_mean(base.mean.to_numpy(float), novel.mean.to_numpy(float)),
+                              index=base.mean.index, columns=base.mean.columns)
+            table = Table(f"base2new_{part}", caption + " (HM of the mean base and novel accuracies)", hm,
+                          hm * np.nan, show_std=False)
+        else:
+            values = pd.DataFrame({"row": pivot.target, "method": pivot.method, "seed": pivot.seed,
+                                   "value": pivot[part]})
+            table = pivot_table(values, datasets, methods, f"base2new_{part}", caption)
         table.marked_rows = [d for d in trivial if d in table.mean.index]
         if table.marked_rows:
             table.notes.append(f"{TRIVIAL_MARK} two classes: base and novel hold one class each, so accuracy is "
@@ -310,8 +321,8 @@ def plot_base2new(df: pd.DataFrame, methods: Sequence[str], out: Path) -> list[P
     methods = _ordered(rows.method, methods)
     pivot = rows.pivot_table(index=["method", "target", "seed"], columns="part", values="accuracy")
     pivot = pivot.reindex(columns=["base", "novel"])
-    pivot["hm"] = harmonic_mean(pivot["base"].to_numpy(), pivot["novel"].to_numpy())
     avg = pivot.groupby(level=["method", "seed"]).mean().groupby(level="method").mean().reindex(methods)
+    avg["hm"] = harmonic_mean(avg["base"].to_numpy(float), avg["novel"].to_numpy(float))  # the published HM
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(methods)), 4))
     x = np.arange(len(methods))
     for i, part in enumerate(("base", "novel", "hm")):

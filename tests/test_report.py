@@ -70,6 +70,11 @@ def test_base2new_tables_flag_trivial_and_not_applicable():
     assert np.isnan(novel.mean.at["pathmnist", "linear_probe"]) and not np.isnan(base.mean.at["pathmnist",
                                                                                                "linear_probe"])
     md = to_markdown(hm)
+    # the published HM: of the mean base and novel cells, average row included, shown without a std
+    for row in ("pathmnist", "Average"):
+        a, b = base.mean.at[row, "coop"], novel.mean.at[row, "coop"]
+        assert hm.mean.at[row, "coop"] == pytest.approx(2 * a * b / (a + b))
+    assert f"| {2 * a * b / (a + b):.1f} |" in md.split("**Average**")[1].split("\n")[0] + " |"
     assert "| breastmnist † |" in md and "n/a: the method cannot classify classes it was not trained on." in md
     assert r"breastmnist$^\dagger$" in to_latex(hm)
 
