@@ -8,10 +8,10 @@ diagonal).
 
 Resuming. Each run's result (method checkpoint, training history, metric rows) is one file
 ``<out>/<setting>/<dataset>/k<K>_seed<S>.pt``, written atomically (temporary file + rename) and holding a hash of
-everything the run depends on: the method and train knobs, the run itself, the bytes of the dataset's feature
-file and filtered attributes, and the source code of the training and evaluation path. A rerun skips every run
-whose file holds the current hash, so an interrupted train stage resumes where it stopped, and a changed knob,
-input or code retrains exactly the runs it affects. Files no plan refers to are deleted at the end.
+everything the run depends on: the method and train knobs, ``filter.keep``, the run itself, the bytes of the
+dataset's feature file and confidence table, and the source code of the training and evaluation path. A rerun
+skips every run whose file holds the current hash, so an interrupted train stage resumes where it stopped, and a
+changed knob, input or code retrains exactly the runs it affects. Files no plan refers to are deleted at the end.
 
 Inputs are checked before any training starts (:func:`load_inputs`): a missing or mismatched feature file
 (other backbone, image size, view count, seeds or too few shots) or attribute file is an error naming the stage
@@ -36,7 +36,8 @@ from biovlm.config import FEATURES_DIR, FILTERED_DIR, all_shots, crossdata_sourc
 from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
 
 # Source files whose change invalidates finished runs (backbone changes also reach runs through the features).
-CODE_FILES = ("runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py", "methods/*.py")
+CODE_FILES = ("runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py", "filtering.py",
+              "methods/*.py")
 RUN_FORMAT = 1
 
 RunLog = Callable[[str, dict, int], None]  # (run name, epoch record, epoch)
@@ -104,7 +105,7 @@ def run_hash(method: str, cfg: Mapping, run: Run, inputs_digest: str, code: str)
     """Hash of everything a run's result depends on."""
     mcfg = method_config(cfg, method)
     payload = {"format": RUN_FORMAT, "method": method, "knobs": mcfg[method], "train": mcfg["train"],
-               "run": asdict(run), "inputs": inputs_digest, "code": code}
+               "keep": cfg["filter"]["keep"], "run": asdict(run), "inputs": inputs_digest, "code": code}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -139,8 +140,17 @@ def load_if_current(path: Path, expected_hash: str) -> dict | None:
 class DatasetInputs:
     info: Any  # biovlm.data.DatasetInfo
     features: Any  # biovlm.features.FeatureSet
-    attributes: list[list[str]] | None  # filtered attributes by label id
-    digest: str  # hash of the feature and attribute files
+    table: Any  # biovlm.filtering.ConfidenceTable (None: no attributes)
+    digest: str  # hash of the feature and confidence-table files
+
+    def attributes_for(self, method_name: str, class_ids: Sequence[int], positions, keep: int):
+        """Attributes by label id for one run: a zero-shot method uses every attribute (it sees no labels); a
+        trained one the ``keep`` best of each training class, chosen from its own shots ``positions``."""
+        if self.table is None:
+            return None
+        if is_static(method_name) or positions is None:
+            return [list(a) for a in self.table.attributes]
+        return self.table.select(positions, list(class_ids), keep)
 
 
 def expected_feature_meta(cfg: Mapping, dataset: str) -> dict:
@@ -150,7 +160,7 @@ def expected_feature_meta(cfg: Mapping, dataset: str) -> dict:
 
 def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_dir: str | Path | None = FILTERED_DIR,
                 datasets: Sequence[str] | None = None) -> dict[str, DatasetInputs]:
-    """Load and check the feature file and filtered attributes of every dataset, before any training."""
+    """Load and check the feature file and confidence table of every dataset, before any training."""
     from biovlm.data import get_dataset
 
     datasets = list(datasets or cfg["datasets"])
@@ -163,11 +173,11 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
         missing = [str(Path(filtered_dir) / f"{ds}.json") for ds in datasets
                    if not (Path(filtered_dir) / f"{ds}.json").exists()]
         if missing:
-            raise InputError(f"filtered attribute file(s) {', '.join(missing)} missing; run the filter stage first "
+            raise InputError(f"confidence table(s) {', '.join(missing)} missing; run the filter stage first "
                              f"(dvc repro filter)")
 
     from biovlm.features import load_features
-    from biovlm.filtering import load_filtered
+    from biovlm.filtering import load_table
 
     need_k, seeds = max(all_shots(cfg)), list(cfg["seeds"])
     inputs = {}
@@ -184,15 +194,22 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
             raise InputError(f"{path} holds shots for seeds {meta.get('seeds')} up to K={meta.get('max_shots')}, "
                              f"but params.yaml asks for seeds {seeds} and K up to {need_k}; rerun the features "
                              f"stage (dvc repro features)")
-        attributes, digest = None, file_digest(path)
+        table, digest = None, file_digest(path)
         if filtered_dir is not None:
             fpath = Path(filtered_dir) / f"{ds}.json"
-            attributes = load_filtered(fpath)
-            if len(attributes) != info.n_classes:
-                raise InputError(f"{fpath} holds attributes for {len(attributes)} classes, {ds} has "
+            try:
+                table = load_table(fpath)
+            except (ValueError, KeyError) as e:
+                raise InputError(f"{fpath} is not a confidence table of this version ({e}); rerun the filter stage "
+                                 f"(dvc repro filter)") from None
+            if len(table.attributes) != info.n_classes:
+                raise InputError(f"{fpath} holds attributes for {len(table.attributes)} classes, {ds} has "
                                  f"{info.n_classes}; rerun the attributes and filter stages")
+            if not np.array_equal(table.pool_indices, feats.pool_indices):
+                raise InputError(f"{fpath} scores other pool images than {path}; rerun the filter stage "
+                                 f"(dvc repro filter)")
             digest = hashlib.sha256((digest + file_digest(fpath)).encode()).hexdigest()
-        inputs[ds] = DatasetInputs(info, feats, attributes, digest)
+        inputs[ds] = DatasetInputs(info, feats, table, digest)
     return inputs
 
 
@@ -232,8 +249,9 @@ def class_specific(method_name: str) -> bool:
 
 
 def evaluate_part(method, data: DatasetInputs, class_ids: Sequence[int], batch_size: int = 1024,
-                  trivial: bool = False) -> dict:
-    """Metrics of ``method`` on the test images of ``class_ids`` of ``data``, classified among those classes."""
+                  trivial: bool = False, attributes: Sequence[Sequence[str]] | None = None) -> dict:
+    """Metrics of ``method`` on the test images of ``class_ids`` of ``data``, classified among those classes
+    (``attributes``: by label id of ``data``'s dataset, for methods that read them at test time)."""
     import torch
 
     from biovlm.train import predict
@@ -249,7 +267,7 @@ def evaluate_part(method, data: DatasetInputs, class_ids: Sequence[int], batch_s
     else:
         x = data.features.test_features[torch.as_tensor(np.flatnonzero(mask))]
         names = [data.info.prompt_names[c] for c in class_ids]
-        attrs = [data.attributes[c] for c in class_ids] if data.attributes is not None else None
+        attrs = [attributes[c] for c in class_ids] if attributes is not None else None
         probs = predict(method, x, names, data.info, attrs, batch_size=batch_size).numpy()
     return {**classification_metrics(probs, y), "n_classes": len(class_ids)}
 
@@ -274,11 +292,12 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
         base, novel = base_novel_split(n)
         train_ids, parts = base.tolist(), [("base", base.tolist()), ("novel", novel.tolist())]
     cfg = method_config(cfg, method_name)
-    method = build_method(method_name, backbone, cfg, data.info, attributes=data.attributes,
-                          class_ids=train_ids)
+    positions = data.features.shots(run.seed, run.shots, classes=train_ids)
+    attributes = data.attributes_for(method_name, train_ids, positions if len(train_ids) > 1 else None,
+                                     cfg["filter"]["keep"])
+    method = build_method(method_name, backbone, cfg, data.info, attributes=attributes, class_ids=train_ids)
     history: dict = {"epochs": [], "steps": 0, "seconds": 0.0, "skipped": None}
     if len(train_ids) > 1:
-        positions = data.features.shots(run.seed, run.shots, classes=train_ids)
         history = fit(method, data.features, positions, cfg, run.seed, log=log)
     else:
         history["skipped"] = "one training class: every prediction is that class"
@@ -293,7 +312,7 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
             if memo is not None and key in memo:
                 metrics = memo[key]
             else:
-                metrics = evaluate_part(method, data, ids, batch, trivial=len(ids) == 1)
+                metrics = evaluate_part(method, data, ids, batch, trivial=len(ids) == 1, attributes=attributes)
         except NotTransferable:
             continue
         if memo is not None:
@@ -312,7 +331,10 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
         return []
     src = inputs[source]
     cfg = method_config(cfg, method_name)
-    method = build_method(method_name, backbone, cfg, src.info, attributes=src.attributes)
+    all_ids = list(range(src.info.n_classes))
+    attributes = src.attributes_for(method_name, all_ids, src.features.shots(run.seed, run.shots),
+                                    cfg["filter"]["keep"])  # as the few-shot run trained
+    method = build_method(method_name, backbone, cfg, src.info, attributes=attributes)
     method.load_checkpoint(saved["checkpoint"])
     rows = []
     batch = cfg["train"].get("eval_batch_size", 1024)
@@ -325,7 +347,8 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
             if memo is not None and (target, tuple(ids)) in memo:
                 metrics = memo[(target, tuple(ids))]
             else:
-                metrics = evaluate_part(method, data, ids, batch)
+                metrics = evaluate_part(method, data, ids, batch,
+                                        attributes=data.attributes_for(method_name, ids, None, 0))
         except NotTransferable:
             return []
         if memo is not None:

@@ -1,10 +1,13 @@
-"""DVC stage ``filter``: score every attribute on the few-shot pool features with the frozen backbone and write
-``data/filtered/<dataset>.json`` (the ``filter.keep`` best per class, plus every attribute's score)."""
+"""DVC stage ``filter``: the confidence table of every dataset -> ``data/filtered/<dataset>.json``: the cosine of
+every few-shot pool image (clean features) with every attribute text and every class's mean attribute text.
+
+The expensive part of confidence filtering, done once. Each run selects its own ``filter.keep`` attributes per
+class from this table and its own training shots only (``biovlm.filtering``), in the train stage.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from biovlm import config
@@ -13,15 +16,15 @@ from biovlm.data import get_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--attributes", default=str(config.ATTRIBUTES_DIR))
+    ap = argparse.ArgumentParser(prog="python -m stages.filter", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    ap.add_argument("--attributes", default=str(config.ATTRIBUTES_DIR), help="folder of <dataset>.json attributes")
     ap.add_argument("--features", default=None, help="folder of <dataset>.safetensors (default: features/)")
-    ap.add_argument("--out", default=str(config.FILTERED_DIR))
+    ap.add_argument("--out", default=str(config.FILTERED_DIR), help="output folder of the confidence tables")
     args = ap.parse_args(argv)
     cfg = config.load_config(args.params)
-    keep, name = cfg["filter"]["keep"], cfg["backbone"]["name"]
-    print(f"filter: {config.describe_profile(cfg)}; keep {keep} per class, backbone {name}")
+    name = cfg["backbone"]["name"]
+    print(f"filter: {config.describe_profile(cfg)}; confidence tables with backbone {name}")
 
     fdir = Path(args.features) if args.features else None
     fpaths = {ds: fdir / f"{ds}.safetensors" if fdir else config.feature_path(ds) for ds in cfg["datasets"]}
@@ -42,11 +45,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{args.attributes}/{ds}.json lists classes {rec['classes']}, expected "
                              f"{list(info.prompt_names)}: rerun the attributes stage")
         feats = features.load_features(fpaths[ds], expect={"dataset": ds, "backbone": name})
-        result = filtering.filter_attributes(info, rec["attributes"], model, feats, keep)
-        (out / f"{ds}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        dropped = sum(not r["kept"] for r in result["scores"])
-        print(f"  {ds}: kept {keep} of {len(rec['attributes'][0])} per class ({dropped} dropped), "
-              f"source {rec['source']}")
+        table = filtering.build_table(info, rec["attributes"], model, feats)
+        filtering.save_table(table, out / f"{ds}.json")
+        p, c, n = table.similarity.shape
+        print(f"  {ds}: {p} pool images x {c} classes x {n} attributes, source {rec['source']}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Confidence filtering: the score, the selection of J per class, and the JSON record."""
+"""Confidence filtering: the table (computed once per dataset) and the per-run selection, which must read only the
+run's own shots of its own training classes."""
 
 from __future__ import annotations
 
-import json
+import copy
+import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +18,14 @@ from biovlm.data import get_dataset
 
 def unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
+
+
+def table_from_vectors(text: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, scale: float):
+    C, N, _ = text.shape
+    attrs = [[f"attr {c}.{i}" for i in range(N)] for c in range(C)]
+    means = unit(text.mean(dim=1))
+    return F.ConfidenceTable("toy", [f"c{c}" for c in range(C)], attrs, np.arange(len(labels)), labels.numpy(),
+                             torch.einsum("pd,cnd->pcn", images, text), images @ means.T, scale)
 
 
 def clustered(C=3, N=4, D=16, per_class=5, seed=0):
@@ -30,65 +41,110 @@ def clustered(C=3, N=4, D=16, per_class=5, seed=0):
     return text, images, labels
 
 
+def plain_scores(text, images, labels, rows, class_ids, scale):
+    """The score written out image by image: p(x) = softmax over [x.t, x.m_j for the other training classes]."""
+    means = unit(text.mean(dim=1))
+    out = []
+    for c in class_ids:
+        per_attr = []
+        for a in range(text.shape[1]):
+            ps = []
+            for r in rows:
+                if int(labels[r]) != c:
+                    continue
+                x = images[r]
+                logits = [scale * float(x @ text[c, a])] + [scale * float(x @ means[j]) for j in class_ids if j != c]
+                top = max(logits)
+                ps.append(math.exp(logits[0] - top) / sum(math.exp(v - top) for v in logits))
+            per_attr.append(sum(ps) / len(ps))
+        out.append(per_attr)
+    return torch.tensor(out)
+
+
 def test_matching_attribute_scores_highest_and_is_kept():
     text, images, labels = clustered()
-    scores = F.score_attributes(text, images, labels, logit_scale=20.0)
-    assert scores.shape == (3, 4)
-    assert ((scores > 0) & (scores < 1)).all()
+    table = table_from_vectors(text, images, labels, 20.0)
+    rows = np.arange(len(labels))
+    scores = table.scores(rows, [0, 1, 2])
+    assert scores.shape == (3, 4) and ((scores > 0) & (scores < 1)).all()
     assert scores[0].argmax().item() == 2 and scores[0, 2] > 0.9
     assert scores[1].argmin().item() == 0  # a description of another class
-    names = ["c0", "c1", "c2"]
-    attrs = [[f"attr {c}.{i}" for i in range(4)] for c in range(3)]
-    rec = F.filter_scored("toy", names, attrs, scores, keep=1)
-    assert rec["kept"][0] == ["attr 0.2"]
-    assert "attr 1.0" not in rec["kept"][1]
+    kept = table.select(rows, [0, 1, 2], keep=1)
+    assert kept[0] == ["attr 0.2"] and "attr 1.0" not in kept[1]
 
 
-def test_keeps_j_per_class_and_lists_every_attribute(tmp_path):
-    text, images, labels = clustered(C=4, N=6)
-    attrs = [[f"a{c}-{i}" for i in range(6)] for c in range(4)]
-    scores = F.score_attributes(text, images, labels, 30.0)
-    rec = F.filter_scored("toy", ["w", "x", "y", "z"], attrs, scores, keep=3)
-    assert rec["keep"] == 3 and rec["score"] == F.SCORE_NAME
-    assert [len(k) for k in rec["kept"]] == [3, 3, 3, 3]
-    assert [(r["class"], r["attribute"]) for r in rec["scores"]] == [(c, a) for c in range(4) for a in attrs[c]]
+def test_run_selection_equals_a_plain_computation_on_its_own_shots_only():
+    text, images, labels = clustered(C=4, N=6, per_class=6, seed=3)
+    table = table_from_vectors(text, images, labels, 25.0)
+    rows = np.array([0, 2, 6, 7, 13, 19, 20])  # one run's shots: 2 of class 0, 2 of 1, 1 of 2, 2 of 3
+    expected = plain_scores(text, images, labels, rows, [0, 1, 2, 3], 25.0)
+    torch.testing.assert_close(table.scores(rows, [0, 1, 2, 3]), expected, rtol=1e-5, atol=1e-6)
+    kept = table.select(rows, [0, 1, 2, 3], keep=3)
     for c in range(4):
-        rows = [r for r in rec["scores"] if r["class"] == c]
-        assert sorted(r["attribute"] for r in rows if r["kept"]) == sorted(rec["kept"][c])
-        assert sorted(r["rank"] for r in rows) == list(range(1, 7))
-        best = sorted(rows, key=lambda r: r["rank"])
-        assert [r["attribute"] for r in best[:3]] == rec["kept"][c]  # kept best first
-        assert min(r["score"] for r in rows if r["kept"]) >= max(r["score"] for r in rows if not r["kept"])
-    path = tmp_path / "toy.json"
-    path.write_text(json.dumps(rec))
-    assert F.load_filtered(path) == rec["kept"]
+        order = sorted(range(6), key=lambda i, c=c: (-float(expected[c, i]), i))[:3]
+        assert kept[c] == [f"attr {c}.{i}" for i in order]
+    # every row outside the run's shots replaced by garbage: the same selection
+    garbage = copy.deepcopy(table)
+    others = np.setdiff1d(np.arange(len(labels)), rows)
+    garbage.similarity[others] = torch.rand(len(others), 4, 6)
+    garbage.class_similarity[others] = torch.rand(len(others), 4)
+    assert garbage.select(rows, [0, 1, 2, 3], keep=3) == kept
+
+
+def test_base_classes_are_ranked_without_novel_images_or_novel_texts():
+    text, images, labels = clustered(C=4, N=5, per_class=4, seed=1)
+    table = table_from_vectors(text, images, labels, 30.0)
+    base, novel = [0, 1], [2, 3]
+    rows = np.flatnonzero(np.isin(labels.numpy(), base))
+    kept = table.select(rows, base, keep=2)
+    expected = plain_scores(text, images, labels, rows, base, 30.0)
+    assert kept[:2] == [[f"attr {c}.{i}" for i in F.select(expected, 2)[c]] for c in range(2)]
+    assert kept[2:] == [table.attributes[c] for c in novel]  # no shots of them: every attribute, label-free
+    garbage = copy.deepcopy(table)
+    novel_rows = np.flatnonzero(np.isin(labels.numpy(), novel))
+    garbage.similarity[novel_rows] = torch.rand(len(novel_rows), 4, 5)
+    garbage.similarity[:, novel] = torch.rand(len(labels), 2, 5)
+    garbage.class_similarity[:, novel] = torch.rand(len(labels), 2)
+    assert garbage.select(rows, base, keep=2) == kept
+
+
+def test_single_training_class_and_missing_shots():
+    text, images, labels = clustered()
+    table = table_from_vectors(text, images, labels, 20.0)
+    assert table.select(np.array([0, 1]), [0], keep=2)[0] == ["attr 0.0", "attr 0.1"]  # no competitor: by index
+    with pytest.raises(ValueError, match=r"toy: the run has no shots of class 2"):
+        table.select(np.array([0, 5]), [0, 1, 2], keep=1)
 
 
 def test_selection_is_deterministic_with_ties_by_index():
     scores = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, 0.9, 0.9, 0.2]])
     assert F.select(scores, 2) == [[0, 1], [1, 2]]
-    text, images, labels = clustered()
-    assert torch.equal(F.score_attributes(text, images, labels, 20.0), F.score_attributes(text, images, labels, 20.0))
     with pytest.raises(ValueError, match=r"filter.keep must be in 1..4"):
         F.select(scores, 5)
 
 
-def test_clear_errors():
-    text, images, labels = clustered()
-    with pytest.raises(ValueError, match=r"classes without shots: \[2\]"):
-        F.score_attributes(text, images[labels < 2], labels[labels < 2], 20.0)
-    with pytest.raises(FileNotFoundError, match="run the 'filter' stage"):
-        F.load_filtered("/nonexistent/x.json")
-
-
-def test_filter_with_tiny_backbone(tiny_backbone):
+def test_table_round_trips_through_json_exactly(tiny_backbone, tmp_path):
     info = get_dataset("breastmnist")
     attrs = curated("breastmnist")
     g = torch.Generator().manual_seed(0)
     feats = SimpleNamespace(pool_clean=unit(torch.randn(8, tiny_backbone.embed_dim, generator=g)),
-                            pool_labels=torch.tensor([0, 1] * 4))
-    rec = F.filter_attributes(info, attrs, tiny_backbone, feats, keep=4)
-    assert rec["dataset"] == "breastmnist" and [len(k) for k in rec["kept"]] == [4, 4]
-    assert len(rec["scores"]) == 20 and all(0 < r["score"] < 1 for r in rec["scores"])
-    assert all(set(k) <= set(a) for k, a in zip(rec["kept"], attrs, strict=True))
-    assert F.filter_attributes(info, attrs, tiny_backbone, feats, keep=4) == rec
+                            pool_labels=torch.tensor([0, 1] * 4), pool_indices=np.arange(10, 18))
+    table = F.build_table(info, attrs, tiny_backbone, feats)
+    assert table.similarity.shape == (8, 2, len(attrs[0])) and table.class_similarity.shape == (8, 2)
+    text = F.encode_attributes(info, attrs, tiny_backbone).cpu()
+    torch.testing.assert_close(table.similarity[3, 1], text[1] @ feats.pool_clean[3])
+    F.save_table(table, tmp_path / "breastmnist.json")
+    loaded = F.load_table(tmp_path / "breastmnist.json")
+    assert torch.equal(loaded.similarity, table.similarity) and torch.equal(loaded.class_similarity,
+                                                                             table.class_similarity)
+    assert loaded.attributes == attrs and list(loaded.pool_indices) == list(range(10, 18))
+    rows = np.arange(8)
+    assert loaded.select(rows, [0, 1], 4) == table.select(rows, [0, 1], 4)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the 'filter' stage"):
+        F.load_table("/nonexistent/x.json")
+    (tmp_path / "old.json").write_text('{"kept": [["a"]]}')
+    with pytest.raises(ValueError, match=r"old.json is confidence-table format None, this code reads 2; rerun"):
+        F.load_table(tmp_path / "old.json")

@@ -19,6 +19,7 @@ from conftest import COMMITTED_PARAMS
 from biovlm import runs
 from biovlm.config import load_config
 from biovlm.data import get_dataset
+from biovlm.filtering import ConfidenceTable
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS2 = ["breastmnist", "bloodmnist"]  # 2 and 8 classes
@@ -27,7 +28,7 @@ DATASETS2 = ["breastmnist", "bloodmnist"]  # 2 and 8 classes
 def small_config(**overrides) -> dict:
     base = {"profile": "demo", "datasets": DATASETS2, "seeds": [1, 2], "fewshot.shots": [1, 4],
             "base2new.shots": 4, "crossdata.shots": 4, "features.max_shots": 4, "train.epochs": 2,
-            "train.batch_size": 8, "biovlm.bank_size": 3,
+            "train.batch_size": 8, "biovlm.bank_size": 3, "filter.keep": 2,
             "profiles.demo.crossdata.sources": "all"}  # the demo's own source list holds one of DATASETS2
     base.update(overrides)
     return load_config(COMMITTED_PARAMS, base)
@@ -59,9 +60,13 @@ def fake_inputs(dataset: str, dim: int, max_shots: int = 4, n_test: int = 33, se
                             pool_views={k: draw(pool, 2) for k in ("plain", "weak", "strong")},
                             val_features=draw(val), val_labels=val, test_features=draw(test), test_labels=test,
                             shots=shots)
-    attributes = [[f"{w} texture", f"{w} outline"] for w in
+    attributes = [[f"{w} texture", f"{w} outline", f"{w} border"] for w in
                   ("round", "lobed", "pale", "dark", "small", "large", "smooth", "rough", "thin", "thick", "bright")]
-    return runs.DatasetInputs(info, feats, attributes[:c], f"digest-{dataset}-{seed}")
+    text = F.normalize(proto[:, None, :] + 0.5 * torch.randn(c, 3, dim, generator=g), dim=-1)
+    table = ConfidenceTable(dataset, list(info.prompt_names), attributes[:c], np.arange(len(pool)), pool.numpy(),
+                            torch.einsum("pd,cnd->pcn", feats.pool_clean, text),
+                            feats.pool_clean @ F.normalize(text.mean(1), dim=-1).T, 20.0)
+    return runs.DatasetInputs(info, feats, table, f"digest-{dataset}-{seed}")
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +145,44 @@ def test_results_rows_of_every_setting(tiny_backbone, inputs, tmp_path):
     assert np.isfinite(finite).all()
 
 
+def test_each_run_selects_attributes_from_its_own_shots(tiny_backbone, inputs):
+    """BioVLM's attributes in a run equal a selection from that run's shots alone; zero-shot methods see no labels
+    and ensemble every attribute."""
+    cfg, data = small_config(), inputs["bloodmnist"]
+    for k, seed in ((1, 1), (4, 2)):
+        state = runs.train_and_evaluate("biovlm", cfg, tiny_backbone, data, runs.Run("fewshot", "bloodmnist", k, seed))
+        own = data.features.shots(seed, k)
+        expected = data.table.select(own, list(range(8)), cfg["filter"]["keep"])
+        assert state["checkpoint"]["meta"]["attributes"] == expected
+    k1 = runs.train_and_evaluate("biovlm", cfg, tiny_backbone, data, runs.Run("fewshot", "bloodmnist", 1, 1))
+    pooled = data.table.select(np.arange(len(data.features.pool_labels)), list(range(8)), cfg["filter"]["keep"])
+    assert k1["checkpoint"]["meta"]["attributes"] != pooled  # not the choice of the whole pool (every seed's shots)
+    zs = runs.train_and_evaluate("zeroshot_attr", cfg, tiny_backbone, data, runs.Run("fewshot", "bloodmnist", 4, 1))
+    assert zs["checkpoint"]["meta"]["attributes"] == data.table.attributes
+
+
+def test_base2new_run_ignores_every_novel_class_row_of_the_table(tiny_backbone, inputs):
+    import copy
+
+    import torch
+
+    cfg, data = small_config(), inputs["bloodmnist"]
+    run = runs.Run("base2new", "bloodmnist", 4, 1)
+    before = runs.train_and_evaluate("biovlm", cfg, tiny_backbone, data, run)
+    garbage = copy.deepcopy(data)
+    novel = [4, 5, 6, 7]
+    rows = np.flatnonzero(np.isin(garbage.table.pool_labels, novel))
+    g = torch.Generator().manual_seed(9)
+    garbage.table.similarity[rows] = torch.rand(len(rows), 8, 3, generator=g)
+    garbage.table.similarity[:, novel] = torch.rand(len(garbage.table.pool_labels), 4, 3, generator=g)
+    garbage.table.class_similarity[:, novel] = torch.rand(len(garbage.table.pool_labels), 4, generator=g)
+    after = runs.train_and_evaluate("biovlm", cfg, tiny_backbone, garbage, run)
+    assert after["checkpoint"]["meta"]["attributes"] == before["checkpoint"]["meta"]["attributes"]
+    for key, tensor in before["checkpoint"]["tensors"].items():
+        assert torch.equal(tensor, after["checkpoint"]["tensors"][key]), key
+    assert after["rows"] == before["rows"]
+
+
 def test_linear_probe_is_not_applicable_to_unseen_classes(tiny_backbone, inputs, tmp_path):
     df = runs.run_method("linear_probe", small_config(), tiny_backbone, inputs, tmp_path, echo=lambda s: None)
     assert set(df.setting) == {"fewshot", "base2new"} and set(df.part) == {"all", "base"}
@@ -170,31 +213,42 @@ def test_missing_inputs_fail_before_training(tmp_path):
     (tmp_path / "features").mkdir()
     for ds in DATASETS2:
         (tmp_path / "features" / f"{ds}.safetensors").write_bytes(b"")
-    with pytest.raises(runs.InputError, match=r"filtered/breastmnist.json, .* missing; run the filter stage"):
+    with pytest.raises(runs.InputError, match=r"table\(s\) .*filtered/breastmnist.json, .* missing; run the filter"):
         runs.load_inputs(cfg, tmp_path / "features", tmp_path / "filtered")
 
 
 def test_mismatched_feature_files_fail_before_training(tiny_backbone, synthetic_root, tmp_path):
-    from biovlm.features import extract_features
+    from biovlm.features import extract_features, load_features
+    from biovlm.filtering import build_table, load_table, save_table
 
     feats, filtered = tmp_path / "features", tmp_path / "filtered"
     filtered.mkdir()
     for ds in ("breastmnist", "bloodmnist"):
         extract_features(ds, tiny_backbone, root=synthetic_root, size=28, views=1, seeds=[1], max_shots=4,
                          batch_size=128, out=feats / f"{ds}.safetensors")
-        kept = [["a", "b"]] * get_dataset(ds).n_classes
-        (filtered / f"{ds}.json").write_text(json.dumps({"kept": kept}))
+        info = get_dataset(ds)
+        pool = load_features(feats / f"{ds}.safetensors")
+        table = build_table(info, [["a", "b"]] * info.n_classes, tiny_backbone, pool)
+        save_table(table, filtered / f"{ds}.json")
     ok = dict(datasets=DATASETS2, seeds=[1], **{"backbone.name": "tiny", "features.views": 1})
     loaded = runs.load_inputs(small_config(**ok), feats, filtered)
-    assert loaded["bloodmnist"].features.meta["views"] == 1 and loaded["bloodmnist"].attributes[0] == ["a", "b"]
+    assert loaded["bloodmnist"].features.meta["views"] == 1 and loaded["bloodmnist"].table.attributes[0] == ["a", "b"]
     with pytest.raises(runs.InputError, match=r"views=1.*views=2.*rerun the features stage"):
         runs.load_inputs(small_config(**{**ok, "features.views": 2}), feats, filtered)
     with pytest.raises(runs.InputError, match=r"backbone='tiny'.*backbone='tiny-pretrained'"):
         runs.load_inputs(small_config(**{**ok, "backbone.name": "tiny-pretrained"}), feats, filtered)
     with pytest.raises(runs.InputError, match=r"seeds \[1\] up to K=4, but params.yaml asks for seeds \[1, 2\]"):
         runs.load_inputs(small_config(**{**ok, "seeds": [1, 2]}), feats, filtered)
-    (filtered / "bloodmnist.json").write_text(json.dumps({"kept": [["a"]] * 3}))
+    table = load_table(filtered / "bloodmnist.json")
+    save_table(ConfidenceTable(**{**vars(table), "attributes": table.attributes[:3]}), filtered / "bloodmnist.json")
     with pytest.raises(runs.InputError, match=r"attributes for 3 classes, bloodmnist has 8"):
+        runs.load_inputs(small_config(**ok), feats, filtered)
+    shifted = ConfidenceTable(**{**vars(table), "pool_indices": table.pool_indices + 1})
+    save_table(shifted, filtered / "bloodmnist.json")
+    with pytest.raises(runs.InputError, match=r"bloodmnist.json scores other pool images than .*bloodmnist\.safet"):
+        runs.load_inputs(small_config(**ok), feats, filtered)
+    (filtered / "bloodmnist.json").write_text(json.dumps({"kept": [["a"]] * 8}))  # a filter output of before
+    with pytest.raises(runs.InputError, match=r"not a confidence table of this version .*rerun the filter stage"):
         runs.load_inputs(small_config(**ok), feats, filtered)
 
 

@@ -233,12 +233,14 @@ def test_demo_learns_with_the_shipped_tiny_pretrained(tmp_path):
         path = extract_features(name, backbone, root=tmp_path, size=28, views=cfg["features"]["views"], seeds=seeds,
                                 out=tmp_path / f"{name}.safetensors", seed=cfg["features"]["seed"])
         feats = load_features(path)
-        kept = filtering.filter_attributes(info, attributes.curated(name), backbone, feats, cfg["filter"]["keep"])
+        table = filtering.build_table(info, attributes.curated(name), backbone, feats)
         for seed in seeds:
             for k in (min(shots), max(shots)):
+                positions = feats.shots(seed, k)
+                kept = table.select(positions, list(range(info.n_classes)), cfg["filter"]["keep"])
                 for method in ("zeroshot", "coop", "biovlm"):
-                    m = build_method(method, backbone, cfg, info, attributes=kept["kept"])
-                    fit(m, feats, feats.shots(seed, k), cfg, seed=seed)
+                    m = build_method(method, backbone, cfg, info, attributes=kept)
+                    fit(m, feats, positions, cfg, seed=seed)
                     probs = predict(m, feats.test_features, m.class_names, info, m.attributes)
                     correct = (probs.argmax(1) == feats.test_labels).float().mean().item()
                     acc.setdefault((method, k), []).append(correct)

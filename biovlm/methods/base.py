@@ -173,7 +173,8 @@ class Method(nn.Module):
         """{"meta": json-able dict, "tensors": {name: CPU tensor}} — small, and enough to rebuild the method."""
         meta = {"method": self.name, "version": CHECKPOINT_VERSION, "knobs": dict(self.knobs),
                 "backbone": getattr(self.backbone, "name", None), "dataset": self.info.name,
-                "class_ids": list(self.class_ids), "class_names": list(self.class_names)}
+                "class_ids": list(self.class_ids), "class_names": list(self.class_names),
+                "attributes": self.attributes}
         meta.update(self.extra_meta())
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         return {"meta": meta, "tensors": tensors}
