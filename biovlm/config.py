@@ -99,7 +99,8 @@ METHOD_KNOBS: dict[str, dict[str, Any]] = {
     "biomedcoop": {"n_ctx": _pos_int, "ctx_init": _str, "sccm_lambda": _nonneg, "kdsp_lambda": _nonneg,
                    "prune_z": _pos, "tau": _pos, "kl_reduction": _choice(*KL_REDUCTIONS)},
     "clip_adapter": {"alpha": _ratio, "reduction": _pos_int},
-    "linear_probe": {"C": _pos, "max_iter": _pos_int, "tol": _pos},
+    "linear_probe": {"C": lambda v: v == "search" or _pos(v), "search_steps": _nonneg_int, "max_iter": _pos_int,
+                     "tol": _pos},
     "biovlm": {"bank_size": _pos_int, "n_ctx": _pos_int, "ctx_init": _str, "select_ratio": _ratio,
                "teacher_ratio": _ratio, "tau": _pos, "l_ent": _nonneg, "l_kd": _nonneg, "l_aug": _nonneg,
                "l_cos": _nonneg, "kl_reduction": _choice(*KL_REDUCTIONS)},
@@ -125,7 +126,8 @@ _SECTION_RULES: dict[str, dict[str, Any]] = {
 _EXPECT_CUSTOM = {"data.size": "one of 28, 64, 128, 224", "data.synthetic": "true or false",
                   "backbone.cache_dir": "null or a folder", "backbone.threads": "null or a positive integer",
                   "llm.model": "null (curated attributes) or a model name",
-                  "llm.seed": "null or an integer", "train.momentum": "a number in [0, 1)"}
+                  "llm.seed": "null or an integer", "train.momentum": "a number in [0, 1)",
+                  "linear_probe.C": "'search' or a number > 0"}
 
 
 # ----------------------------------------------------------------------------------------------- loading

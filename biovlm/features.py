@@ -5,8 +5,13 @@ Prompt learning only trains text-side tensors, so the image tower runs exactly o
 - ``test``: every test image (shared by every method, seed, shot count and setting);
 - ``val``: the validation shots (union over seeds of ``min(max_shots, 4)`` per class);
 - the few-shot ``pool``: the union over seeds of the nested ``max_shots``-shot training sets, once without
-  augmentation (``pool_clean``) and under ``views`` augmented views per family: ``plain`` (random resized crop +
-  flip: the training transform), ``weak`` (flip) and ``strong`` (flip + colour jitter + Gaussian blur).
+  augmentation (``pool_clean``) and as ``views`` augmented view *tuples* per image: ``plain`` (random resized crop
+  + flip: the training transform), and ``weak`` (flip) and ``strong`` (flip + colour jitter + Gaussian blur)
+  applied to that same crop, as the reference builds its teacher views from the student's augmented image.
+
+Every random parameter of image ``i``'s view ``v`` comes from a generator keyed by (``features.seed``, ``i``,
+``v``, family, transform), never from a stream over the pool: an image's views are the same whichever seeds (and so
+whichever pool) are configured, and a run's result depends on its own shots only.
 
 Images go uint8 -> [0, 1] -> bicubic resize to the tower's input size -> augmentation -> the backbone's mean/std.
 Colour jitter works on [0, 1] images, so it runs before normalisation (the public reference applies it after
@@ -18,6 +23,7 @@ refuses a file made for another backbone, image size or view count instead of mi
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ from tqdm import tqdm
 
 from biovlm import data
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: view tuples keyed by (seed, image, view)
 FAMILIES = ("plain", "weak", "strong")
 CROP_SCALE = (0.5, 1.0)  # random resized crop keeps at least half the image: MedMNIST images are tight crops already
 
@@ -44,6 +50,8 @@ class FeatureSet:
     val_features: torch.Tensor
     val_labels: torch.Tensor
     train_labels: np.ndarray
+    val_indices: np.ndarray  # val-split index of each row of val_features
+    val_split_labels: np.ndarray  # labels of the whole val split (for a run's own validation shots)
     pool_indices: np.ndarray
     pool_labels: torch.Tensor
     pool_clean: torch.Tensor
@@ -63,31 +71,96 @@ class FeatureSet:
         assert np.array_equal(self.pool_indices[positions], chosen), "few-shot set outside the cached pool"
         return positions
 
+    def val_shots(self, seed: int, k: int, classes: Sequence[int] | None = None) -> np.ndarray:
+        """Rows of ``val_features`` holding the validation shots of a ``k``-shot run of ``seed``
+        (``data.val_shot_indices``: min(k, 4) per class), optionally only the given label ids."""
+        if seed not in self.meta["seeds"]:
+            raise ValueError(f"{self.meta['dataset']} features hold validation shots for seeds {self.meta['seeds']}, "
+                             f"not seed {seed}; rerun the features stage with it")
+        chosen = data.val_shot_indices(self.val_split_labels, k, seed)
+        if classes is not None:
+            chosen = chosen[np.isin(self.val_split_labels[chosen], np.asarray(classes))]
+        rows = np.searchsorted(self.val_indices, chosen)
+        assert np.array_equal(self.val_indices[rows], chosen), "validation shots outside the cached ones"
+        return rows
+
 
 def _augmenters(size: int) -> dict:
-    """The three view families, with kornia drawing each image's parameters independently in one batched call."""
+    """The three view families after the crop: kornia augmentations, applied in batches with keyed parameters."""
     import kornia.augmentation as K
 
     blur_kernel = max(3, (size // 10) | 1)  # odd, about a tenth of the image
     return {
-        "plain": torch.nn.Sequential(K.RandomResizedCrop((size, size), scale=CROP_SCALE), K.RandomHorizontalFlip()),
-        "weak": K.RandomHorizontalFlip(),
+        "plain": torch.nn.Sequential(K.RandomHorizontalFlip()),  # after the random resized crop (crop_box)
+        "weak": torch.nn.Sequential(K.RandomHorizontalFlip()),
         "strong": torch.nn.Sequential(K.RandomHorizontalFlip(), K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=1.0),
                                       K.RandomGaussianBlur((blur_kernel, blur_kernel), (0.1, 2.0), p=1.0)),
     }
 
 
-def _augment(images: torch.Tensor, transform, seed: int, batch_size: int) -> torch.Tensor:
-    """Augment [0, 1] images reproducibly for ``seed`` (each image its own random parameters)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return torch.cat([transform(images[i : i + batch_size]).clamp(0, 1)
-                          for i in range(0, len(images), batch_size)])
+def view_key(seed: int, image: int, view: int, family: int) -> np.random.SeedSequence:
+    """The randomness of one family of one view of one image: a function of these numbers alone."""
+    return np.random.SeedSequence([seed, image, view, family])
+
+
+def crop_box(rng: np.random.Generator, size: int, scale: tuple[float, float] = CROP_SCALE,
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> list[list[int]]:
+    """A random resized crop's corners (x, y; clockwise from top left), sampled as torchvision and kornia do:
+    area fraction in ``scale``, log-uniform aspect ratio, 10 tries, else the whole image."""
+    for _ in range(10):
+        area = size * size * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= size and 0 < h <= size:
+            x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+            break
+    else:
+        x, y, w, h = 0, 0, size, size
+    return [[x, y], [x + w - 1, y], [x + w - 1, y + h - 1], [x, y + h - 1]]
+
+
+def _augment_keyed(images: torch.Tensor, transform: torch.nn.Sequential, keys: Sequence[int]) -> torch.Tensor:
+    """Apply ``transform`` to ``images`` [B,3,S,S] in one batched call per augmentation, image b's parameters
+    drawn under the torch seed ``keys[b]``."""
+    drawn = []
+    for key in keys:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(key)
+            drawn.append([aug.forward_parameters(torch.Size([1, *images.shape[1:]])) for aug in transform])
+    out = images
+    for t, aug in enumerate(transform):
+        first = drawn[0][t]
+        params = {k: torch.cat([d[t][k] for d in drawn]) for k in first if k not in ("forward_input_shape", "order")}
+        params["forward_input_shape"] = torch.tensor(out.shape)
+        if "order" in first:  # colour jitter: one fixed order (brightness, contrast, saturation, hue) for all
+            params["order"] = torch.arange(len(first["order"]))
+        out = aug(out, params=params)
+    return out.clamp(0, 1)
+
+
+def view_tuples(unit_images: torch.Tensor, indices: Sequence[int], view: int, seed: int, size: int) -> dict:
+    """View ``view`` of each image (split index ``indices[b]``): {"plain", "weak", "strong"} [B,3,S,S] in [0, 1]."""
+    from kornia.geometry.transform import crop_and_resize
+
+    keys = {f: [view_key(seed, int(i), view, k) for i in indices] for k, f in enumerate(FAMILIES)}
+    torch_keys = {f: [int(ss.generate_state(1, np.uint64)[0] >> 1) for ss in keys[f]] for f in FAMILIES}
+    boxes = torch.tensor([crop_box(np.random.default_rng(ss), unit_images.shape[-1]) for ss in keys["plain"]],
+                         dtype=unit_images.dtype)
+    cropped = crop_and_resize(unit_images, boxes, (size, size), mode="bilinear", align_corners=True)
+    augmenters = _augmenters(size)
+    plain = _augment_keyed(cropped.clamp(0, 1), augmenters["plain"], torch_keys["plain"])
+    return {"plain": plain, "weak": _augment_keyed(plain, augmenters["weak"], torch_keys["weak"]),
+            "strong": _augment_keyed(plain, augmenters["strong"], torch_keys["strong"])}
 
 
 def _encode(backbone, unit_images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    out = [backbone.encode_images(backbone.normalize(unit_images[i : i + batch_size])).cpu()
-           for i in range(0, len(unit_images), batch_size)]
+    """Features of [0, 1] images in batches of exactly ``batch_size`` (the last one padded): a one-image batch
+    takes other kernels than a full one, and an image's features must not depend on which others share the pool."""
+    out = []
+    for i in range(0, len(unit_images), batch_size):
+        batch = unit_images[i : i + batch_size]
+        padded = torch.cat([batch, batch[-1:].expand(batch_size - len(batch), *batch.shape[1:])])
+        out.append(backbone.encode_images(backbone.normalize(padded)).cpu()[: len(batch)])
     return torch.cat(out)
 
 
@@ -120,16 +193,23 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
     tensors = {
         "test_features": test, "test_labels": torch.from_numpy(test_labels),
         "val_features": val_features, "val_labels": torch.from_numpy(val_labels[val]),
-        "val_indices": torch.from_numpy(val), "train_labels": torch.from_numpy(train_labels),
+        "val_indices": torch.from_numpy(val), "val_split_labels": torch.from_numpy(val_labels),
+        "train_labels": torch.from_numpy(train_labels),
         "pool_indices": torch.from_numpy(pool), "pool_labels": torch.from_numpy(train_labels[pool]),
         "pool_clean": _encode(backbone, pool_unit, batch_size),
     }
-    for f, (family, transform) in enumerate(_augmenters(backbone.image_size).items()):
-        per_view = []
-        for v in tqdm(range(views), desc=f"{dataset} {family} views", leave=False):
-            augmented = _augment(pool_unit, transform, seed * 100_003 + f * 1_009 + v, batch_size)
-            per_view.append(_encode(backbone, augmented, batch_size))
-        tensors[f"pool_{family}"] = torch.stack(per_view, dim=1).half()  # [P, V, D]
+    per_view: dict[str, list[torch.Tensor]] = {f: [] for f in FAMILIES}
+    for v in tqdm(range(views), desc=f"{dataset} views", leave=False):
+        chunks: dict[str, list[torch.Tensor]] = {f: [] for f in FAMILIES}
+        for start in range(0, len(pool), batch_size):
+            stop = start + batch_size
+            tuples = view_tuples(pool_unit[start:stop], pool[start:stop], v, seed, backbone.image_size)
+            for family, images in tuples.items():
+                chunks[family].append(_encode(backbone, images, batch_size))
+        for family in FAMILIES:
+            per_view[family].append(torch.cat(chunks[family]))
+    for family in FAMILIES:
+        tensors[f"pool_{family}"] = torch.stack(per_view[family], dim=1).half()  # [P, V, D]
 
     meta = {"format": FORMAT_VERSION, "dataset": dataset, "backbone": backbone.name, "size": size, "views": views,
             "seeds": seeds, "max_shots": max_shots, "embed_dim": backbone.embed_dim, "n_classes": info.n_classes,
@@ -170,7 +250,8 @@ def load_features(path: str | Path, expect: dict | None = None) -> FeatureSet:
         meta=meta,
         test_features=t["test_features"].float(), test_labels=t["test_labels"].long(),
         val_features=t["val_features"].float(), val_labels=t["val_labels"].long(),
-        train_labels=t["train_labels"].numpy(), pool_indices=t["pool_indices"].numpy(),
+        train_labels=t["train_labels"].numpy(), val_indices=t["val_indices"].numpy(),
+        val_split_labels=t["val_split_labels"].numpy(), pool_indices=t["pool_indices"].numpy(),
         pool_labels=t["pool_labels"].long(), pool_clean=t["pool_clean"].float(),
         pool_views={f: t[f"pool_{f}"].float() for f in FAMILIES},
     )

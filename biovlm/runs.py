@@ -298,7 +298,8 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
     method = build_method(method_name, backbone, cfg, data.info, attributes=attributes, class_ids=train_ids)
     history: dict = {"epochs": [], "steps": 0, "seconds": 0.0, "skipped": None}
     if len(train_ids) > 1:
-        history = fit(method, data.features, positions, cfg, run.seed, log=log)
+        val_rows = data.features.val_shots(run.seed, run.shots, classes=train_ids)  # the run's own, no other seed's
+        history = fit(method, data.features, positions, cfg, run.seed, log=log, val_rows=val_rows)
     else:
         history["skipped"] = "one training class: every prediction is that class"
     batch = cfg["train"].get("eval_batch_size", 1024)

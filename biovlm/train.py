@@ -70,7 +70,7 @@ def relabel(labels: torch.Tensor, class_ids: Sequence[int]) -> torch.Tensor:
 
 
 def fit(method, features, positions: Sequence[int] | np.ndarray, cfg: dict | None, seed: int,
-        log: LogFn | None = None) -> dict:
+        log: LogFn | None = None, val_rows: Sequence[int] | np.ndarray | None = None) -> dict:
     """Train ``method`` on the pool positions ``positions`` of ``features`` (a FeatureSet).
 
     Returns a history {"epochs": [per-epoch record], "steps": int, "seconds": float}; each record holds the epoch,
@@ -89,15 +89,16 @@ def fit(method, features, positions: Sequence[int] | np.ndarray, cfg: dict | Non
     views = {k: features.pool_views[k][pos].float().to(device) for k in VIEW_KINDS if k in features.pool_views}
     if "plain" not in views:
         raise ValueError(f"the feature set has no 'plain' views (has {sorted(features.pool_views)})")
+    n_views = views["plain"].shape[1]  # weak and strong view v are augmentations of plain view v's crop
 
     gen = torch.Generator().manual_seed(int(seed))
     method.reset_parameters(gen)
-    method.setup(clean, labels)
+    val_x, val_y = _val_set(features, method.class_ids, device, val_rows)
+    method.setup(clean, labels, None if val_x is None else (val_x, val_y))
     history: dict = {"epochs": [], "steps": 0, "seconds": 0.0}
     if not method.trainable:
         return history
 
-    val_x, val_y = _val_set(features, method.class_ids, device)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=knobs["lr"], momentum=knobs["momentum"], weight_decay=knobs["weight_decay"])
     n, bs = pos.numel(), knobs["batch_size"]
@@ -112,9 +113,9 @@ def fit(method, features, positions: Sequence[int] | np.ndarray, cfg: dict | Non
         for start in range(0, n, bs):
             idx = order[start:start + bs]
             batch = {"labels": labels[idx.to(device)], "clean": clean[idx.to(device)]}
+            pick = torch.randint(n_views, (idx.numel(),), generator=gen).to(device)  # one view tuple per image
             for kind, v in views.items():
-                pick = torch.randint(v.shape[1], (idx.numel(),), generator=gen)
-                batch[kind] = v[idx.to(device), pick.to(device)]
+                batch[kind] = v[idx.to(device), pick]
             with _autocast(device):
                 loss, stats = method.loss(batch)
             _check_finite(method, loss, stats, epoch, step)
@@ -138,11 +139,16 @@ def fit(method, features, positions: Sequence[int] | np.ndarray, cfg: dict | Non
     return history
 
 
-def _val_set(features, class_ids: Sequence[int], device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _val_set(features, class_ids: Sequence[int], device,
+             rows: Sequence[int] | np.ndarray | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The validation shots (``rows`` of ``features.val_features``: the run's own; default all) of ``class_ids``."""
     x, y = getattr(features, "val_features", None), getattr(features, "val_labels", None)
     if x is None or y is None or len(y) == 0:
         return None, None
     y = torch.as_tensor(y)
+    if rows is not None:
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        x, y = x[rows], y[rows]
     keep = torch.isin(y, torch.tensor(list(class_ids)))
     if not bool(keep.any()):
         return None, None

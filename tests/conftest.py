@@ -25,6 +25,13 @@ def committed_file(rel: str) -> str:
         return (ROOT / rel).read_text()
 
 
+def pytest_report_header(config) -> str | None:
+    if committed_file("params.yaml") != (ROOT / "params.yaml").read_text():
+        return ("note: the tests read the committed params.yaml; the workspace's differs (an applied experiment, or "
+                "an uncommitted edit: commit it to test it)")
+    return None
+
+
 COMMITTED_PARAMS = Path(tempfile.mkdtemp(prefix="biovlm-committed-")) / "params.yaml"
 """A copy of the committed params.yaml for every test that reads the configuration."""
 COMMITTED_PARAMS.write_text(committed_file("params.yaml"))

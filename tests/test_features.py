@@ -27,7 +27,7 @@ def test_file_holds_every_part_with_the_right_shapes(feature_file, synthetic_roo
     assert {k: tuple(v.shape) for k, v in fs.pool_views.items()} == {f: (len(pool), 2, d) for f in
                                                                       ("plain", "weak", "strong")}
     assert torch.allclose(fs.pool_clean.norm(dim=-1), torch.ones(len(pool)), atol=1e-3)
-    assert fs.meta == {"format": 1, "dataset": "bloodmnist", "backbone": "tiny", "size": 28, "views": 2,
+    assert fs.meta == {"format": 2, "dataset": "bloodmnist", "backbone": "tiny", "size": 28, "views": 2,
                        "seeds": [1, 2], "max_shots": 4, "embed_dim": d, "n_classes": 8, "seed": 0,
                        "weights_sha256": tiny_backbone.fingerprint}
 
@@ -51,6 +51,36 @@ def test_views_are_augmented_and_reproducible(feature_file, synthetic_root, tiny
     again = extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=2, seeds=[1, 2],
                              max_shots=4, batch_size=50, out=tmp_path / "again.safetensors", seed=0)
     assert all(torch.equal(fs.pool_views[f], load_features(again).pool_views[f]) for f in fs.pool_views)
+
+
+def test_an_images_views_do_not_depend_on_the_other_seeds(feature_file, synthetic_root, tiny_backbone, tmp_path):
+    """Views come from generators keyed by (features.seed, image, view): seed 1's images have the same views
+    whether the pool is seed 1's shots alone or the union with seed 2's."""
+    both = load_features(feature_file)  # seeds [1, 2]
+    alone = load_features(extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=2,
+                                           seeds=[1], max_shots=4, out=tmp_path / "one.safetensors", seed=0))
+    assert len(alone.pool_indices) < len(both.pool_indices)
+    rows = np.searchsorted(both.pool_indices, alone.pool_indices)
+    assert np.array_equal(both.pool_indices[rows], alone.pool_indices)
+    for family in ("plain", "weak", "strong"):
+        assert torch.equal(alone.pool_views[family], both.pool_views[family][rows]), family
+    assert torch.equal(alone.pool_clean, both.pool_clean[rows])
+
+
+def test_weak_and_strong_views_augment_the_plain_crop():
+    from biovlm.features import view_tuples
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(12, 3, 32, 32, generator=g)
+    views = view_tuples(images, list(range(500, 512)), view=1, seed=0, size=32)
+    for b in range(12):  # weak: the plain crop, maybe flipped; strong: the plain crop flipped, jittered, blurred
+        assert torch.equal(views["weak"][b], views["plain"][b]) or torch.equal(views["weak"][b],
+                                                                               views["plain"][b].flip(-1))
+    assert not torch.allclose(views["plain"], images, atol=0.05)  # cropped and resized
+    some = view_tuples(images[3:5], [503, 504], view=1, seed=0, size=32)  # the same images in another batch
+    assert all(torch.equal(some[f], views[f][3:5]) for f in views)
+    other = view_tuples(images[3:5], [503, 504], view=2, seed=0, size=32)
+    assert not torch.equal(other["plain"], some["plain"])
 
 
 def test_shots_map_nested_sets_into_the_pool(feature_file, synthetic_root):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,6 +299,44 @@ def test_linear_probe_fits_separable_features_and_serves_a_subset(tiny_backbone)
     assert torch.allclose(m.logits(feats.test_features, sub, INFO), full[:, [5, 2]])
     with pytest.raises(ValueError, match="linear_probe.tol must be > 0, got 0"):
         build_method("linear_probe", tiny_backbone, {"linear_probe": {"tol": 0}}, INFO)
+
+
+def test_c_search_follows_coops_grid_then_bisection():
+    """Validation accuracy peaks at C = 10^2.3: the grid finds 1e2, then 8 bisection steps between 10^1 and 10^3
+    keep the better end (the smaller C on ties) and halve towards it."""
+    from biovlm.methods.linear_probe import SEARCH_GRID, search_c
+
+    def accuracy(c):
+        return round(1 - abs(math.log10(c) - 2.3) / 20, 6)
+
+    chosen, tried = search_c(accuracy, steps=8)
+    assert [c for c, _ in tried[:7]] == list(SEARCH_GRID) and len(tried) == 7 + 2 * 8
+    assert tried[7][0] == pytest.approx(10.0) and tried[8][0] == pytest.approx(1000.0)
+    assert math.log10(chosen) == pytest.approx(2.3, abs=2 / 2**8)
+    flat, _ = search_c(lambda c: 0.5, steps=3)  # ties: the first grid value, then always the left (smaller) end
+    assert flat == pytest.approx(10 ** (6 - 1))
+    assert search_c(accuracy, steps=0)[0] == pytest.approx(100.0)
+
+
+def test_linear_probe_chooses_c_on_the_runs_validation_shots(tiny_backbone):
+    feats = synthetic_features(tiny_backbone.embed_dim, INFO.n_classes, shots=4, noise=0.3)
+    cfg = {"linear_probe": {"search_steps": 3}}
+    chosen = []
+    for rows in (range(0, 8), range(8, 16)):  # two validation sets of the same run (one image per class each)
+        m = build_method("linear_probe", tiny_backbone, cfg, INFO)
+        fit(m, feats, range(len(feats.pool_labels)), cfg, seed=0, val_rows=np.array(list(rows)))
+        meta = m.checkpoint()["meta"]
+        assert meta["C"] == m.chosen_c and len(meta["C_search"]) == 7 + 2 * 3
+        chosen.append((m.chosen_c, [acc for _, acc in meta["C_search"]]))
+    assert chosen[0][1] != chosen[1][1] and chosen[0][0] != chosen[1][0]  # another validation set, another C
+    fixed = build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": 100.0}}, INFO)
+    fit(fixed, feats, range(len(feats.pool_labels)), {}, seed=0)
+    assert fixed.checkpoint()["meta"]["C"] == 100.0 and fixed.search == []
+    feats.val_labels = None
+    with pytest.raises(ValueError, match="search chooses C on validation shots, and this run has none"):
+        fit(build_method("linear_probe", tiny_backbone, {}, INFO), feats, range(len(feats.pool_labels)), {}, seed=0)
+    with pytest.raises(ValueError, match="linear_probe.C must be 'search' .* or a number > 0, got 'best'"):
+        build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": "best"}}, INFO)
 
 
 def test_method_errors_are_clear(tiny_backbone):

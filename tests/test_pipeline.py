@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import COMMITTED_PARAMS
 
@@ -56,10 +57,15 @@ def fake_inputs(dataset: str, dim: int, max_shots: int = 4, n_test: int = 33, se
 
     test = torch.arange(c).repeat(n_test // c + 1)[:n_test]
     val = torch.arange(c).repeat(2)
+
+    def val_shots(seed: int, k: int, classes=None) -> np.ndarray:
+        classes = range(c) if classes is None else classes
+        return np.flatnonzero(np.isin(val.numpy(), list(classes)))
+
     feats = SimpleNamespace(meta={}, pool_labels=pool, pool_clean=draw(pool),
                             pool_views={k: draw(pool, 2) for k in ("plain", "weak", "strong")},
                             val_features=draw(val), val_labels=val, test_features=draw(test), test_labels=test,
-                            shots=shots)
+                            shots=shots, val_shots=val_shots)
     attributes = [[f"{w} texture", f"{w} outline", f"{w} border"] for w in
                   ("round", "lobed", "pale", "dark", "small", "large", "smooth", "rough", "thin", "thick", "bright")]
     text = F.normalize(proto[:, None, :] + 0.5 * torch.randn(c, 3, dim, generator=g), dim=-1)
@@ -181,6 +187,33 @@ def test_base2new_run_ignores_every_novel_class_row_of_the_table(tiny_backbone, 
     for key, tensor in before["checkpoint"]["tensors"].items():
         assert torch.equal(tensor, after["checkpoint"]["tensors"][key]), key
     assert after["rows"] == before["rows"]
+
+
+def test_a_seeds_results_do_not_depend_on_the_other_configured_seeds(tiny_backbone, synthetic_root, tmp_path):
+    """Features, attribute tables and runs made for seeds [1] and for seeds [1, 2, 3]: seed 1's rows are equal,
+    bit for bit, for a trained method, the linear probe (its C search) and the zero-shot ensemble."""
+    from biovlm.attributes import curated
+    from biovlm.features import extract_features, load_features
+    from biovlm.filtering import build_table, save_table
+
+    results = {}
+    for seeds in ([1], [1, 2, 3]):
+        folder = tmp_path / "-".join(map(str, seeds))
+        for ds in DATASETS2:
+            path = extract_features(ds, tiny_backbone, root=synthetic_root, size=28, views=2, seeds=seeds,
+                                    max_shots=4, batch_size=16, out=folder / "features" / f"{ds}.safetensors")
+            (folder / "filtered").mkdir(parents=True, exist_ok=True)
+            save_table(build_table(get_dataset(ds), curated(ds), tiny_backbone, load_features(path)),
+                       folder / "filtered" / f"{ds}.json")
+        cfg = small_config(seeds=seeds, **{"backbone.name": "tiny", "crossdata.sources": ["bloodmnist"]})
+        inputs = runs.load_inputs(cfg, folder / "features", folder / "filtered")
+        for method in ("biovlm", "linear_probe", "zeroshot_attr"):
+            df = runs.run_method(method, cfg, tiny_backbone, inputs, folder / "checkpoints" / method,
+                                 echo=lambda line: None)
+            results[(method, len(seeds))] = df[df.seed == 1].reset_index(drop=True)
+    for method in ("biovlm", "linear_probe", "zeroshot_attr"):
+        pd.testing.assert_frame_equal(results[(method, 1)], results[(method, 3)], check_exact=True)
+        assert len(results[(method, 1)]) > 0
 
 
 def test_linear_probe_is_not_applicable_to_unseen_classes(tiny_backbone, inputs, tmp_path):

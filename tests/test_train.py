@@ -118,6 +118,35 @@ class _Exploding(Method):
         return boom, {"loss": boom.item(), "ce": 0.0, "boom": boom.item(), "acc": 0.0}
 
 
+class _Recorder(Method):
+    """Records which view of each pool image every batch holds (the views carry their index in coordinate 0)."""
+
+    name = "recorder"
+
+    def __init__(self, backbone, info):
+        super().__init__(backbone, {}, info, range(info.n_classes))
+        self.w = nn.Parameter(torch.zeros(backbone.embed_dim))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def loss(self, batch):
+        self.seen.append(tuple(batch[k][:, 0].clone() for k in ("plain", "weak", "strong")))
+        loss = (batch["plain"] @ self.w).mean()
+        return loss, {"loss": loss.item(), "acc": 0.0}
+
+
+def test_training_draws_one_view_tuple_per_image(tiny_backbone):
+    """weak and strong view v are augmentations of plain view v's crop: a batch pairs them, never mixes tuples."""
+    feats = features_for(tiny_backbone.embed_dim, views=5)
+    feats.val_labels = None  # no validation pass
+    for k, offset in (("plain", 0.0), ("weak", 100.0), ("strong", 200.0)):
+        feats.pool_views[k][:, :, 0] = torch.arange(5, dtype=torch.float32) + offset
+    m = _Recorder(tiny_backbone, INFO)
+    fit(m, feats, range(len(feats.pool_labels)), {"train": {"epochs": 4, "batch_size": 8}}, seed=3)
+    plain, weak, strong = (torch.cat(parts) for parts in zip(*m.seen, strict=True))
+    assert torch.equal(weak - 100, plain) and torch.equal(strong - 200, plain)
+    assert len(set(plain.tolist())) == 5  # every view index drawn
+
+
 def test_nan_loss_stops_with_the_term_and_step(tiny_backbone):
     feats = features_for(tiny_backbone.embed_dim)
     m = _Exploding(tiny_backbone, INFO)

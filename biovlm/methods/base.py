@@ -98,9 +98,11 @@ class Method(nn.Module):
     def reset_parameters(self, generator: torch.Generator) -> None:
         """(Re-)initialise the learned tensors from ``generator``; called by ``train.fit`` for determinism."""
 
-    def setup(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def setup(self, features: torch.Tensor, labels: torch.Tensor,
+              validation: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Called by ``train.fit`` before any step with the clean features [N, D] and labels [N] (0..C-1) of the
-        training shots. Closed-form methods (linear probe) fit here; others may precompute from the shots."""
+        training shots, and the run's validation shots (features, labels; None if it has none). Closed-form
+        methods (linear probe) fit here; others may precompute from the shots."""
 
     @property
     def device(self) -> torch.device:

@@ -52,7 +52,7 @@ class BiomedCoOp(PromptMethod):
             raise ValueError(f"biomedcoop.kl_reduction must be one of {KL_REDUCTIONS}, "
                              f"got {self.knobs['kl_reduction']!r}")
 
-    def setup(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def setup(self, features: torch.Tensor, labels: torch.Tensor, validation=None) -> None:
         if self.knobs["kdsp_lambda"] <= 0:
             return
         classifiers, _ = self.attribute_features(self.class_names, self.info, self.attributes)  # [J, C, D]
