@@ -229,7 +229,7 @@ def test_without_teacher_or_cosine_no_attribute_is_needed(tiny_backbone, monkeyp
     monkeypatch.setattr(tiny_backbone, "encode_texts", lambda *a, **k: pytest.fail("no constant text needed"))
     _, stats = m.loss(fixed_batch(tiny_backbone.embed_dim, INFO.n_classes))
     assert set(stats) == {"loss", "ce", "ent", "acc"}
-    with pytest.raises(ValueError, match="needs the filtered attributes"):
+    with pytest.raises(ValueError, match="needs attributes by label id"):
         build_method("biovlm", tiny_backbone, {"biovlm": {"l_cos": 0.1}}, INFO, attributes=None)
 
 
@@ -355,7 +355,7 @@ def test_method_errors_are_clear(tiny_backbone):
         build_method("biovlm", tiny_backbone, {"biovlm": {"l_kd": -1}}, INFO, attributes=ATTRS)
     with pytest.raises(ValueError, match="kl_reduction must be one of"):
         build_method("biovlm", tiny_backbone, {"biovlm": {"kl_reduction": "mean"}}, INFO, attributes=ATTRS)
-    with pytest.raises(ValueError, match="needs the filtered attributes"):
+    with pytest.raises(ValueError, match="needs attributes by label id"):
         build_method("biomedcoop", tiny_backbone, {}, INFO)
     with pytest.raises(TypeError, match="pass class_ids by keyword"):
         build_method("coop", tiny_backbone, {}, INFO, [0, 1])

@@ -84,7 +84,7 @@ def test_write_report_files(tmp_path):
     paths = write_report(df, tmp_path, METHODS, DATASETS3, header="Configuration: test")
     md = (tmp_path / "report.md").read_text()
     tex = (tmp_path / "tables.tex").read_text()
-    assert "Configuration: test" in md
+    assert "Configuration: test" in md and "HM(mean base, mean novel)" in md and "docs/protocol.md" in md
     for caption in ("Few-shot accuracy (%), K = 16", "Base-to-novel accuracy (%), harmonic mean",
                     "Cross-dataset accuracy (%): trained on the row's dataset",
                     "Cross-dataset accuracy (%) of coop: rows are sources"):

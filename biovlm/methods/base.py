@@ -86,8 +86,8 @@ class Method(nn.Module):
                                  f"got {len(attributes)} lists")
             self.attributes = [list(attributes[c]) for c in self.class_ids]
         if self.needs_attributes and self.attributes is None:
-            raise ValueError(f"method {self.name!r} with these knobs needs the filtered attributes "
-                             "(pass attributes=biovlm.filtering.load_filtered(...))")
+            raise ValueError(f"method {self.name!r} with these knobs needs attributes by label id "
+                             "(pass attributes=biovlm.filtering.load_table(path).select(shots, classes, keep))")
         self.scale = float(backbone.logit_scale)
         self._text_cache: dict[Any, Any] = {}
 
