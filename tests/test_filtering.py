@@ -112,6 +112,7 @@ def test_single_training_class_and_missing_shots():
     text, images, labels = clustered()
     table = table_from_vectors(text, images, labels, 20.0)
     assert table.select(np.array([0, 1]), [0], keep=2)[0] == ["attr 0.0", "attr 0.1"]  # no competitor: by index
+    assert table.scores(np.array([0, 1]), [0]).tolist() == [[1.0] * 4]  # every attribute sure: p = 1
     with pytest.raises(ValueError, match=r"toy: the run has no shots of class 2"):
         table.select(np.array([0, 5]), [0, 1, 2], keep=1)
 
@@ -119,6 +120,7 @@ def test_single_training_class_and_missing_shots():
 def test_selection_is_deterministic_with_ties_by_index():
     scores = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, 0.9, 0.9, 0.2]])
     assert F.select(scores, 2) == [[0, 1], [1, 2]]
+    assert F.select(scores, 4) == [[0, 1, 2, 3], [1, 2, 3, 0]]  # keep every attribute (J = N): ranked
     with pytest.raises(ValueError, match=r"filter.keep must be in 1..4"):
         F.select(scores, 5)
 
@@ -133,6 +135,9 @@ def test_table_round_trips_through_json_exactly(tiny_backbone, tmp_path):
     assert table.similarity.shape == (8, 2, len(attrs[0])) and table.class_similarity.shape == (8, 2)
     text = F.encode_attributes(info, attrs, tiny_backbone).cpu()
     torch.testing.assert_close(table.similarity[3, 1], text[1] @ feats.pool_clean[3])
+    mean_text = text.mean(dim=1) / text.mean(dim=1).norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(table.class_similarity[5], mean_text @ feats.pool_clean[5])
+    assert table.dataset == "breastmnist" and table.class_names == list(info.prompt_names)
     F.save_table(table, tmp_path / "breastmnist.json")
     loaded = F.load_table(tmp_path / "breastmnist.json")
     assert torch.equal(loaded.similarity, table.similarity) and torch.equal(loaded.class_similarity,

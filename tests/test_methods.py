@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
 
 from biovlm import prompts
 from biovlm.data import get_dataset
@@ -288,6 +289,18 @@ def test_every_method_trains_predicts_and_round_trips(name, tiny_backbone):
     assert torch.isfinite(probs).all()
 
 
+def test_linear_probe_on_two_classes_equals_sklearns_probabilities(tiny_backbone):
+    info = get_dataset("breastmnist")
+    feats = synthetic_features(tiny_backbone.embed_dim, 2, shots=6, noise=0.8)
+    m = build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": 3.0}}, info)
+    fit(m, feats, range(len(feats.pool_labels)), {}, seed=0)
+    clf = LogisticRegression(C=3.0, max_iter=1000, tol=1e-4).fit(feats.pool_clean.double().numpy(),
+                                                                 feats.pool_labels.numpy())
+    expected = clf.predict_proba(feats.test_features.double().numpy())
+    probs = predict(m, feats.test_features, list(info.prompt_names), info)
+    np.testing.assert_allclose(probs.numpy(), expected, atol=1e-5)
+
+
 def test_linear_probe_fits_separable_features_and_serves_a_subset(tiny_backbone):
     feats = synthetic_features(tiny_backbone.embed_dim, INFO.n_classes, shots=8, noise=0.1)
     m = build_method("linear_probe", tiny_backbone, {}, INFO)
@@ -327,6 +340,13 @@ def test_linear_probe_chooses_c_on_the_runs_validation_shots(tiny_backbone):
         fit(m, feats, range(len(feats.pool_labels)), cfg, seed=0, val_rows=np.array(list(rows)))
         meta = m.checkpoint()["meta"]
         assert meta["C"] == m.chosen_c and len(meta["C_search"]) == 7 + 2 * 3
+        vx, vy = feats.val_features[list(rows)].double().numpy(), feats.val_labels[list(rows)].numpy()
+        x, y = feats.pool_clean.double().numpy(), feats.pool_labels.numpy()
+        for c, acc in meta["C_search"][:3]:  # each recorded accuracy is that C's validation accuracy
+            clf = LogisticRegression(C=c, max_iter=1000, tol=1e-4).fit(x, y)
+            assert acc == pytest.approx(float((clf.predict(vx) == vy).mean()))
+        best_grid = max(meta["C_search"][:7], key=lambda t: t[1])
+        assert 0.1 * best_grid[0] <= m.chosen_c <= 10 * best_grid[0]  # bisection stays around the best grid C
         chosen.append((m.chosen_c, [acc for _, acc in meta["C_search"]]))
     assert chosen[0][1] != chosen[1][1] and chosen[0][0] != chosen[1][0]  # another validation set, another C
     fixed = build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": 100.0}}, INFO)
