@@ -64,12 +64,8 @@ class FeatureSet:
                 f"{self.meta['dataset']} features hold shots for seeds {self.meta['seeds']} up to "
                 f"K={self.meta['max_shots']}, not seed {seed} with K={k}; rerun the features stage with them"
             )
-        chosen = data.few_shot_indices(self.train_labels, k, seed)
-        if classes is not None:
-            chosen = chosen[np.isin(self.train_labels[chosen], np.asarray(classes))]
-        positions = np.searchsorted(self.pool_indices, chosen)
-        assert np.array_equal(self.pool_indices[positions], chosen), "few-shot set outside the cached pool"
-        return positions
+        return _rows(data.few_shot_indices(self.train_labels, k, seed), self.train_labels, classes,
+                     self.pool_indices, "few-shot set outside the cached pool")
 
     def val_shots(self, seed: int, k: int, classes: Sequence[int] | None = None) -> np.ndarray:
         """Rows of ``val_features`` holding the validation shots of a ``k``-shot run of ``seed``
@@ -77,12 +73,18 @@ class FeatureSet:
         if seed not in self.meta["seeds"]:
             raise ValueError(f"{self.meta['dataset']} features hold validation shots for seeds {self.meta['seeds']}, "
                              f"not seed {seed}; rerun the features stage with it")
-        chosen = data.val_shot_indices(self.val_split_labels, k, seed)
-        if classes is not None:
-            chosen = chosen[np.isin(self.val_split_labels[chosen], np.asarray(classes))]
-        rows = np.searchsorted(self.val_indices, chosen)
-        assert np.array_equal(self.val_indices[rows], chosen), "validation shots outside the cached ones"
-        return rows
+        return _rows(data.val_shot_indices(self.val_split_labels, k, seed), self.val_split_labels, classes,
+                     self.val_indices, "validation shots outside the cached ones")
+
+
+def _rows(chosen: np.ndarray, split_labels: np.ndarray, classes: Sequence[int] | None, cached: np.ndarray,
+          what: str) -> np.ndarray:
+    """Rows of the sorted ``cached`` split indices holding ``chosen`` (only those of ``classes``, if given)."""
+    if classes is not None:
+        chosen = chosen[np.isin(split_labels[chosen], np.asarray(classes))]
+    rows = np.searchsorted(cached, chosen)
+    assert np.array_equal(cached[rows], chosen), what
+    return rows
 
 
 def _augmenters(size: int) -> dict:

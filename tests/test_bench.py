@@ -17,13 +17,17 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def train_step():
+def _bench_module(name: str):
     sys.path.insert(0, str(BENCH))
     try:
-        yield importlib.import_module("train_step")
+        yield importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    yield from _bench_module("train_step")
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +79,7 @@ def test_reference_pattern_gives_the_project_loss_and_gradient(train_step, tiny_
 
 @pytest.fixture(scope="module")
 def demo_bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("demo")
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from _bench_module("demo")
 
 
 def _fake_metrics(folder: Path, coop16: float) -> None:
