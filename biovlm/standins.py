@@ -71,8 +71,8 @@ _BERT_COMMON = {"model_type": "bert", "architectures": ["BertModel"], "hidden_ac
 # Images: twins in `styles` looks (background, stripe frequency, tint), none of them the benchmark's own look
 # (style 0). One look alone lets the tower read that look's incidental cues (stripe frequency x angle), and its
 # transfer to the benchmark's look swings with the seed and the CPU's floats, often below chance; two looks make
-# it read the class structure (stripe angle, blob layout): the transfer is partial and stable; four transfer
-# almost fully (`python bench/tiny_recipe.py` measures this). Flips and crops (area fraction crop_scale).
+# it read the class structure (stripe angle, blob layout): the transfer is partial and stable over seeds; four
+# transfer further but spread more (`python bench/tiny_recipe.py` measures this). Flips and crops (crop_scale).
 # Captions per class and step: with context_p, random context words before the class name; with attribute_p,
 # "<modality> of <class>, which has <attribute>" (a curated attribute); otherwise `caption` ("<class>."). The
 # benchmark's hand template "a <modality> of <class>." is never a caption: its zero-shot accuracy is imperfect
