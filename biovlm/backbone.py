@@ -25,14 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from biovlm import standins
+from biovlm import hub, standins
+from biovlm.hub import BackboneUnavailableError
 
 BIOMEDCLIP_ID = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 BIOMEDBERT_ID = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"  # its text tower and tokenizer
-
-
-class BackboneUnavailableError(RuntimeError):
-    """Pretrained weights are neither in the local cache nor downloadable."""
 
 
 def default_cache_dir() -> Path:
@@ -238,32 +235,6 @@ def _text_tower(model) -> _HFText | _NativeText:
     return _HFText(text) if isinstance(text, HFTextEncoder) else _NativeText(text if text is not None else model)
 
 
-def _download_help(what: str, repos: Sequence[str], error: Exception) -> BackboneUnavailableError:
-    commands = " and ".join(f"`hf download {r}` (older clients: `huggingface-cli download {r}`)" for r in repos)
-    return BackboneUnavailableError(
-        f"could not load {what}: model id {repos[0]} is not in the local Hugging Face cache and could not be "
-        f"downloaded ({type(error).__name__}: {error}). Pre-download it on a machine with network access: "
-        f"{commands}, into the same cache (HF_HOME, or the cache_dir passed to load_backbone); then set "
-        f"HF_HUB_OFFLINE=1 to load it from the cache without network. For an offline run without those weights use "
-        f"'biomedclip-random' (same architecture) or 'tiny-pretrained'."
-    )
-
-
-def _build_hub(name: str, cache_dir: str | Path | None = None):
-    """A model from the Hugging Face hub through open_clip (``hf-hub:<id>``), e.g. BiomedCLIP."""
-    import open_clip
-
-    model_id = name.removeprefix("hf-hub:")
-    repos = [model_id, BIOMEDBERT_ID] if model_id == BIOMEDCLIP_ID else [model_id]
-    cache = str(cache_dir) if cache_dir is not None else None
-    try:
-        model = open_clip.create_model(f"hf-hub:{model_id}", cache_dir=cache)
-        tokenizer = open_clip.get_tokenizer(f"hf-hub:{model_id}", cache_dir=cache)
-    except Exception as error:  # network, missing cache entries and hub errors all end here
-        raise _download_help(f"hf-hub:{model_id}", repos, error) from error
-    return model, tokenizer
-
-
 def _build_open_clip_pair(name: str, cache_dir: str | Path | None = None):
     """``"<arch>/<tag>"``: an open_clip architecture with one of its pretrained tags, e.g. ``ViT-B-16/openai``."""
     import open_clip
@@ -276,14 +247,19 @@ def _build_open_clip_pair(name: str, cache_dir: str | Path | None = None):
         raise ValueError(f"open_clip has no pretrained tag {tag!r} for {arch}; its tags: {', '.join(tags)}")
     hub_id = (open_clip.get_pretrained_cfg(arch, tag).get("hf_hub") or "").strip("/")
     try:
-        model = open_clip.create_model(arch, pretrained=tag, cache_dir=str(cache_dir) if cache_dir else None)
+        model = open_clip.create_model(arch, pretrained=tag, cache_dir=str(cache_dir) if cache_dir else None,
+                                       require_pretrained=True)
     except Exception as error:
-        raise _download_help(name, [hub_id or f"{arch}/{tag}"], error) from error
+        repo = hub_id or f"{arch}/{tag}"
+        raise BackboneUnavailableError(
+            f"could not load {name} ({type(error).__name__}: {str(error)[:200]}); searched the cache "
+            f"{hub.cache_folder(cache_dir)}. Fetch it on a connected machine (`hf download {repo}`), copy the cache "
+            f"over and point backbone.cache_dir (or HF_HOME) at it") from error
     return model, open_clip.get_tokenizer(arch)
 
 
 BACKBONES: dict[str, Callable] = {
-    "biomedclip": lambda cache_dir=None, device="cpu": (*_build_hub(BIOMEDCLIP_ID, cache_dir), {}),
+    "biomedclip": lambda cache_dir=None, device="cpu": hub.build(BIOMEDCLIP_ID, cache_dir),
     "biomedclip-random": standins.local_builder(standins.BIOMEDCLIP_ARCH),
     "tiny": standins.local_builder(standins.TINY_ARCH),
     "tiny-clip": standins.local_builder(standins.TINY_CLIP_ARCH),
@@ -301,7 +277,7 @@ def load_backbone(name: str, device: str = "cpu", cache_dir: str | Path | None =
     if name in BACKBONES:
         model, tokenizer, info = BACKBONES[name](cache_dir=cache_dir, device=device)
     elif name.startswith("hf-hub:"):
-        (model, tokenizer), info = _build_hub(name, cache_dir), {}
+        model, tokenizer, info = hub.build(name.removeprefix("hf-hub:"), cache_dir)
     elif name.count("/") == 1 and all(name.split("/")):
         (model, tokenizer), info = _build_open_clip_pair(name, cache_dir), {}
     else:
@@ -338,4 +314,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from biovlm.config import stage_main
+
+    stage_main("python -m biovlm.backbone", main)  # an expected failure is one line; BIOVLM_DEBUG=1 shows more
