@@ -161,3 +161,14 @@ def test_full_size_biomedclip_loads_exactly_from_a_hub_cache(offline, tmp_path):
     own = torch.nn.functional.normalize(model.model.encode_text(full), dim=-1)
     assert (model.encode_text_embeddings(model.token_embeddings(ids), mask) - own).abs().max() <= 1e-5
 
+
+
+def test_an_open_clip_pair_without_its_weights_is_an_error(offline, tmp_path):
+    import open_clip
+
+    repo = open_clip.get_pretrained_cfg("ViT-B-16", "openai")["hf_hub"].strip("/")
+    with pytest.raises(BackboneUnavailableError) as error:
+        load_backbone("ViT-B-16/openai", cache_dir=tmp_path / "hub")
+    message = str(error.value)
+    assert message.startswith("could not load ViT-B-16/openai (") and f"`hf download {repo}`" in message
+    assert f"searched the cache {tmp_path / 'hub'}" in message
