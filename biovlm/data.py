@@ -134,8 +134,13 @@ def official_source(name: str, size: int) -> tuple[str, str]:
 
 
 def file_md5(path: str | Path) -> str:
+    return file_hash(path, "md5")
+
+
+def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in chunks."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 class ChecksumError(ValueError):

@@ -77,8 +77,9 @@ def plan_runs(cfg: Mapping) -> list[Run]:
 
 # ---------------------------------------------------------------------------------------------- hashing, files
 def file_digest(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    from biovlm.data import file_hash
+
+    return file_hash(path)
 
 
 def code_digest() -> str:

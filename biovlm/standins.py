@@ -243,8 +243,9 @@ def tiny_pretrained_path(config: dict | None = None, cache_dir: str | Path | Non
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    from biovlm.data import file_hash
+
+    return file_hash(path)
 
 
 def save_weights(model, vocab: list[str], info: dict, path: Path) -> str:
