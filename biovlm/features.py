@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from biovlm import data
+from biovlm import data, sampling
 
 FORMAT_VERSION = 2  # 2: view tuples keyed by (seed, image, view)
 FAMILIES = ("plain", "weak", "strong")
@@ -64,7 +64,7 @@ class FeatureSet:
                 f"{self.meta['dataset']} features hold shots for seeds {self.meta['seeds']} up to "
                 f"K={self.meta['max_shots']}, not seed {seed} with K={k}; rerun the features stage with them"
             )
-        return _rows(data.few_shot_indices(self.train_labels, k, seed), self.train_labels, classes,
+        return _rows(sampling.few_shot_indices(self.train_labels, k, seed), self.train_labels, classes,
                      self.pool_indices, "few-shot set outside the cached pool")
 
     def val_shots(self, seed: int, k: int, classes: Sequence[int] | None = None) -> np.ndarray:
@@ -73,7 +73,7 @@ class FeatureSet:
         if seed not in self.meta["seeds"]:
             raise ValueError(f"{self.meta['dataset']} features hold validation shots for seeds {self.meta['seeds']}, "
                              f"not seed {seed}; rerun the features stage with it")
-        return _rows(data.val_shot_indices(self.val_split_labels, k, seed), self.val_split_labels, classes,
+        return _rows(sampling.val_shot_indices(self.val_split_labels, k, seed), self.val_split_labels, classes,
                      self.val_indices, "validation shots outside the cached ones")
 
 
@@ -181,8 +181,8 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
     seeds = [int(s) for s in seeds]
     train_images, train_labels = data.load_split(dataset, "train", size, root)
     val_images, val_labels = data.load_split(dataset, "val", size, root)
-    pool = _union([data.few_shot_indices(train_labels, max_shots, s) for s in seeds])  # checks class counts first
-    val = _union([data.val_shot_indices(val_labels, max_shots, s) for s in seeds])
+    pool = _union([sampling.few_shot_indices(train_labels, max_shots, s) for s in seeds])  # checks class counts first
+    val = _union([sampling.val_shot_indices(val_labels, max_shots, s) for s in seeds])
 
     test_images, test_labels = data.load_split(dataset, "test", size, root)
     test = torch.empty(len(test_images), backbone.embed_dim, dtype=torch.float16)

@@ -37,6 +37,7 @@ from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
 
 # Source files whose change invalidates finished runs (backbone changes also reach runs through the features).
 CODE_FILES = ("runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py", "filtering.py",
+              "sampling.py",
               "methods/*.py")
 RUN_FORMAT = 1
 
@@ -282,8 +283,8 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
                        log: Callable[[dict, int], None] | None = None, memo: dict | None = None) -> dict:
     """Train one run and evaluate it; returns {"checkpoint", "history", "rows"}. ``memo`` (a dict kept across
     the runs of a static method) reuses evaluations that cannot differ between runs."""
-    from biovlm.data import base_novel_split
     from biovlm.methods import NotTransferable, build_method
+    from biovlm.sampling import base_novel_split
     from biovlm.train import fit
 
     n = data.info.n_classes

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from biovlm.data import few_shot_indices, load_split
+from biovlm.data import load_split
 from biovlm.features import extract_features, load_features, read_meta
+from biovlm.sampling import few_shot_indices
 
 
 @pytest.fixture(scope="module")
