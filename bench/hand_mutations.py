@@ -43,7 +43,7 @@ MUTATIONS = [
     ("the report bolds the maximum for every metric", "biovlm/report.py",
      "target = row.max() if higher else row.min()", "target = row.max()", "tests/test_report.py"),
     ("CLIP-Adapter's alpha and 1 - alpha swapped", "biovlm/methods/clip_adapter.py",
-     "a * self.adapter(x) + (1 - a) * x", "(1 - a) * self.adapter(x) + a * x", "tests/test_methods.py"),
+     "a * self.adapter(f) + (1 - a) * f", "(1 - a) * self.adapter(f) + a * f", "tests/test_methods.py"),
     ("label remapping reversed in evaluate_part", "biovlm/runs.py",
      "lut[class_ids] = np.arange(len(class_ids))", "lut[class_ids] = np.arange(len(class_ids))[::-1]",
      "tests/test_runs.py"),
