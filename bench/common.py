@@ -71,6 +71,20 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def replace_block(path: Path, name: str, text: str) -> bool:
+    """Put ``text`` between the markers ``<!-- {name}:start ... -->`` and ``<!-- {name}:end -->`` of ``path`` (a
+    README or docs page that shows produced figures inline); False, and nothing written, when the markers are absent."""
+    page = path.read_text()
+    start, end = f"<!-- {name}:start", f"<!-- {name}:end -->"
+    if start not in page or end not in page:
+        return False
+    before, rest = page.split(start, 1)
+    marker, rest = rest.split("-->", 1)
+    after = rest.split(end, 1)[1]
+    path.write_text(f"{before}{start}{marker}-->\n{text.strip()}\n{end}{after}")
+    return True
+
+
 def emit(figures: dict) -> None:
     """The last output line of every benchmark script: one JSON object with its figures."""
     print(json.dumps(figures, sort_keys=False), flush=True)

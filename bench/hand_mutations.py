@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, emit
+from common import REPO, emit, replace_block
 
 FIGURES = REPO / "docs" / "figures" / "hand_mutations.md"
 
-# (name, file, text to replace, replacement, tests that must catch it)
+# (name, file, text to replace, replacement, the test files (space-separated) that must catch it)
 MUTATIONS = [
     ("ECE with 10 bins instead of 15", "biovlm/evaluate.py", "ECE_BINS = 15", "ECE_BINS = 10",
      "tests/test_evaluate.py"),
@@ -46,9 +47,9 @@ MUTATIONS = [
      "a * self.adapter(f) + (1 - a) * f", "(1 - a) * self.adapter(f) + a * f", "tests/test_methods.py"),
     ("label remapping reversed in evaluate_part", "biovlm/runs.py",
      "lut[class_ids] = np.arange(len(class_ids))", "lut[class_ids] = np.arange(len(class_ids))[::-1]",
-     "tests/test_runs.py"),
+     "tests/test_runs.py tests/test_pipeline.py"),
     ("is_static always true", "biovlm/runs.py", "return not cls.trainable and cls.setup is Method.setup",
-     "return True", "tests/test_runs.py"),
+     "return True", "tests/test_runs.py tests/test_pipeline.py"),
     ("KgCoOp's weight ignored", "biovlm/methods/kgcoop.py", 'total = total + self.knobs["weight"] * kg',
      "total = total + kg", "tests/test_methods.py"),
     ("BiomedCoOp's teacher ignores outlier pruning", "biovlm/methods/biomedcoop.py",
@@ -95,27 +96,22 @@ def try_mutation(name: str, file: str, old: str, new: str, tests: str) -> dict:
         apply(root, file, old, new)
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
-                               tests], cwd=root, capture_output=True, text=True,
-                              env={**_env(), "PYTHONPATH": str(root)})
+                               *tests.split()], cwd=root, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(root)})
         seconds = time.perf_counter() - start
     failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
     return {"name": name, "file": file, "tests": tests, "killed": proc.returncode == 1,
             "killed_by": failed[0] if failed else None, "returncode": proc.returncode, "seconds": round(seconds, 1)}
 
 
-def _env() -> dict:
-    import os
-
-    return dict(os.environ)
-
-
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], page: bool = True) -> str:
+    """The figures as a page (``page``) or as the table block of docs/testing.md."""
     from mutation import machine_line
 
-    lines = ["# Hand-made mutations", "",
-             "Written by `python bench/hand_mutations.py` (do not edit by hand). Each mutation is applied alone to a "
-             "copy of the checkout and the fast tests of its module are run; the first failing test is shown.", "",
-             "| mutation | file | killed | by |", "|---|---|---|---|"]
+    lines = ["# Hand-made mutations", ""] if page else []
+    lines += ["Written by `python bench/hand_mutations.py` (do not edit by hand). Each mutation is applied alone to a "
+              "copy of the checkout and the fast tests of its module are run; the first failing test is shown.", "",
+              "| mutation | file | killed | by |", "|---|---|---|---|"]
     for r in rows:
         verdict = "yes" if r["killed"] else ("**no**" if r["returncode"] == 0 else f"error (rc {r['returncode']})")
         lines.append(f"| {r['name']} | `{r['file']}` | {verdict} | `{r['killed_by'] or '-'}` |")
@@ -139,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_write and not args.only:
         FIGURES.write_text(text)
+        replace_block(REPO / "docs" / "testing.md", "hand-mutations", markdown(rows, page=False))
         FIGURES.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     emit({"mutations": len(rows), "killed": sum(r["killed"] for r in rows)})
     return 0 if all(r["killed"] for r in rows) else 1

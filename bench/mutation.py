@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import REPO, emit
+from common import REPO, emit, replace_block
 
 FIGURES = REPO / "docs" / "figures" / "mutation.md"
 
@@ -78,12 +78,13 @@ def summarise(counts: dict[str, Counter]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], seconds: float | None, machine_line: str) -> str:
-    lines = ["# Mutation testing", "",
-             "Written by `python bench/mutation.py` (do not edit by hand). Mutants of each module (mutmut "
-             "3.8.1, the fast tests: `-m 'not slow'`), how many the tests kill, and the project's target. "
-             "`other` counts mutants that timed out or that no test reaches.", "",
-             "| module | mutants | killed | survived | other | killed % | target % | met |",
+def markdown(rows: list[dict], seconds: float | None, machine_line: str, page: bool = True) -> str:
+    """The figures as a page (``page``) or as the table block of docs/testing.md."""
+    lines = ["# Mutation testing", ""] if page else []
+    lines += ["Written by `python bench/mutation.py` (do not edit by hand). Mutants of each module (mutmut "
+              "3.8.1, the fast tests: `-m 'not slow'`), how many the tests kill, and the project's target. "
+              "`other` counts mutants that timed out or that no test reaches.", "",
+              "| module | mutants | killed | survived | other | killed % | target % | met |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r['module']}` | {r['mutants']} | {r['killed']} | {r['survived']} | {r['other']} | "
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             text = markdown(rows, seconds, machine_line())
         FIGURES.parent.mkdir(parents=True, exist_ok=True)
         FIGURES.write_text(text)
+        replace_block(REPO / "docs" / "testing.md", "mutation-figures", markdown(rows, seconds, machine_line(), False))
         previous.write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1) + "\n")
     emit({"rows": rows, "seconds": seconds})
     return 0 if all(r["met"] for r in rows) else 1
