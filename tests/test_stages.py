@@ -259,6 +259,21 @@ def test_train_of_every_method_removes_checkpoints_of_methods_no_longer_configur
     assert sorted(p.name for p in (built / "checkpoints").iterdir()) == METHODS2[::-1]
 
 
+def test_train_rerun_reuses_every_checkpoint_of_the_configured_methods(built, tmp_path, monkeypatch, capsys):
+    """The clean-up of stale methods leaves the configured methods' run files, so a rerun trains nothing."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    for folder in ("features", "data/filtered", "checkpoints"):
+        shutil.copytree(built / folder, tmp_path / folder)
+    capsys.readouterr()
+    train.main(["--no-live"])
+    out = capsys.readouterr().out
+    assert "zeroshot: 6 runs (0 trained, 6 reused)" in out and "coop: 6 runs (0 trained, 6 reused)" in out
+    for method in METHODS2:
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / f"{method}.csv"),
+                                      pd.read_csv(built / "results" / f"{method}.csv"))
+
+
 def test_train_of_named_methods_keeps_the_other_checkpoints(built, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml")
@@ -317,7 +332,7 @@ def results_rows(method: str) -> list[dict]:
             for target in DATASETS2:
                 acc = fewshot[(source, 2)][seed - 1] if source == target else transfer[(source, target)]
                 add("crossdata", source, target, 2, seed, "all", acc)
-    return rows
+    return rows[::-1]  # bloodmnist first: the stages must order datasets as params.yaml does
 
 
 @pytest.fixture
@@ -346,6 +361,7 @@ def test_evaluate_writes_the_hand_computed_metrics(results_dir, capsys):
     assert json.loads(capsys.readouterr().out) == summary
     fewshot = json.loads((metrics / "fewshot.json").read_text())
     assert list(fewshot) == METHODS2  # params.yaml's order; biovlm.csv is not read
+    assert list(fewshot["coop"]["k2"]) == ["breastmnist", "bloodmnist", "average"]
     assert fewshot["coop"]["k2"]["breastmnist"]["accuracy"] == {"mean": 65.0, "std": 5.0}
     assert fewshot["coop"]["k2"]["average"]["macro_f1"] == {"mean": 65.0, "std": 5.0}
     base2new = json.loads((metrics / "base2new.json").read_text())
