@@ -1,0 +1,475 @@
+"""The DVC stage scripts run in process (``main(argv)`` with a temporary params file): their argument and input
+errors (one line, naming the missing file and the stage that makes it), which outputs they write, and which
+stale outputs they remove.
+
+A module-scoped tiny pipeline (two synthetic twins, the ``tiny`` backbone, one seed, one epoch) runs download,
+attributes, features, filter and train once in a temporary folder; evaluate and report read a hand-made results
+table whose metrics are computed here by hand. Under DVC, every non-persistent output folder is deleted before
+its stage runs; only the persistent ones (``data/raw/<dataset>``, ``checkpoints``) need a stage's own clean-up.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import COMMITTED_PARAMS
+
+from biovlm.config import set_dotted, stage_main
+from biovlm.evaluate import RESULT_COLUMNS
+from stages import attributes, download, evaluate, features, report, train
+from stages import filter as filter_stage
+
+DATASETS2 = ["breastmnist", "bloodmnist"]  # 2 and 8 classes
+METHODS2 = ["zeroshot", "coop"]
+# The demo profile, smaller: the values the demo sets are changed in its overlay, the others at the top level.
+TINY = {
+    "profile": "demo",
+    "datasets": DATASETS2,
+    "methods": METHODS2,
+    "profiles.demo.seeds": [1],
+    "profiles.demo.data.synthetic_n": {"train": 32, "val": 32, "test": 16},
+    "profiles.demo.backbone.name": "tiny",
+    "profiles.demo.features.views": 1,
+    "profiles.demo.fewshot.shots": [1, 2],
+    "profiles.demo.crossdata.sources": "all",
+    "profiles.demo.train.epochs": 1,
+    "base2new.shots": 2,
+    "crossdata.shots": 2,
+    "features.max_shots": 2,
+}
+
+
+def write_params(path: Path, **overrides) -> Path:
+    """The committed params.yaml with TINY and ``overrides`` (dotted keys) applied, written to ``path``."""
+    raw = yaml.safe_load(COMMITTED_PARAMS.read_text())
+    for key, value in {**TINY, **overrides}.items():
+        set_dotted(raw, key, value)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def stage_error(capsys, name: str, main, argv: list[str]) -> str:
+    """Run a stage as ``python -m stages.<name>`` does; return its one-line error (it must exit with status 1)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        stage_main(name, main, argv)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{name}: error: "), err
+    return err.rstrip("\n")
+
+
+# ---------------------------------------------------------------------------------------------- the tiny pipeline
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """download, attributes, features, filter and train (zeroshot, coop) of the tiny profile in a fresh folder.
+
+    Before train, ``checkpoints/`` holds a folder of a method that is no longer configured."""
+    root = tmp_path_factory.mktemp("pipeline")
+    write_params(root / "params.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for ds in DATASETS2:
+            download.main([ds])
+        attributes.main([])
+        features.main([])
+        filter_stage.main([])
+        (root / "checkpoints" / "biovlm").mkdir(parents=True)
+        (root / "checkpoints" / "biovlm" / "fewshot").mkdir()
+        train.main([])
+    return root
+
+
+def test_download_writes_a_synthetic_twin_and_keeps_it_while_its_params_hold(built, tmp_path, monkeypatch):
+    folder = built / "data" / "raw" / "bloodmnist" / "synthetic"
+    manifest = json.loads((folder / "SYNTHETIC.json").read_text())
+    assert manifest["bloodmnist.npz"]["counts"] == {"train": 32, "val": 32, "test": 16}
+    assert (folder / "bloodmnist.npz").exists() and not (built / "data" / "raw" / "organamnist").exists()
+
+    # a second run with the same params keeps the file; another synthetic seed regenerates it
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(built / "data" / "raw", tmp_path / "data" / "raw")
+    made = []
+    real = download.make_synthetic
+    monkeypatch.setattr(download, "make_synthetic", lambda *a, **kw: made.append(kw["seed"]) or real(*a, **kw))
+    write_params(tmp_path / "params.yaml")
+    download.main(["bloodmnist"])
+    assert made == []
+    write_params(tmp_path / "params.yaml", **{"data.synthetic_seed": 7})
+    download.main(["bloodmnist"])
+    assert made == [7]
+    entry = json.loads((tmp_path / "data" / "raw" / "bloodmnist" / "synthetic" / "SYNTHETIC.json").read_text())
+    assert entry["bloodmnist.npz"]["seed"] == 7
+
+
+def test_download_refuses_a_dataset_outside_params(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    with pytest.raises(SystemExit) as exc:
+        download.main(["pathmnist"])
+    assert exc.value.code == "download: 'pathmnist' is not in params.yaml datasets (breastmnist, bloodmnist)"
+    assert not (tmp_path / "data").exists()
+
+
+def test_download_of_the_paper_profile_verifies_a_present_official_file(official_breastmnist, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The official npz already in data/raw/<dataset>/ is md5-checked and used, never downloaded again; a damaged
+    copy is refused in one line."""
+    import biovlm.data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(biovlm.data, "_download_with_medmnist", lambda *a: pytest.fail("no download expected"))
+    write_params(tmp_path / "params.yaml", profile="paper", **{"fewshot.shots": [1, 2], "data.size": 28})
+    (tmp_path / "data" / "raw" / "breastmnist").mkdir(parents=True)
+    target = tmp_path / "data" / "raw" / "breastmnist" / "breastmnist.npz"
+    shutil.copyfile(official_breastmnist / "breastmnist.npz", target)
+    capsys.readouterr()
+    download.main(["breastmnist"])
+    out = capsys.readouterr().out
+    assert out.startswith("download breastmnist: profile 'paper'; official file data/raw/breastmnist/breastmnist.npz")
+    assert not (tmp_path / "data" / "raw" / "breastmnist" / "synthetic").exists()
+    target.write_bytes(target.read_bytes()[:-1] + b"x")
+    err = stage_error(capsys, "download", download.main, ["breastmnist"])
+    assert err.startswith("download: error: data/raw/breastmnist/breastmnist.npz: md5 ")
+    assert "does not match the expected" in err and "Delete it and rerun to download the official file" in err
+
+
+def test_attributes_writes_the_curated_record_of_every_configured_dataset(built):
+    from biovlm.attributes import curated
+
+    out = built / "data" / "attributes"
+    assert sorted(p.name for p in out.iterdir()) == ["bloodmnist.json", "breastmnist.json"]
+    rec = json.loads((out / "breastmnist.json").read_text())
+    assert rec == {"dataset": "breastmnist", "source": "curated", "model": None,
+                   "classes": ["malignant", "normal, benign"], "attributes": curated("breastmnist")}
+    assert len(json.loads((out / "bloodmnist.json").read_text())["attributes"]) == 8
+
+
+def test_attributes_of_a_model_without_cache_or_key_fail_before_writing(tmp_path, monkeypatch):
+    from biovlm.attributes import MissingAPIKeyError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    write_params(tmp_path / "params.yaml", **{"llm.model": "some-model", "llm.cache_dir": "cache"})
+    with pytest.raises(MissingAPIKeyError, match=r"^10 of 10 attribute requests for model 'some-model' are not in "
+                                                 r"the cache cache and OPENAI_API_KEY is not set\. Missing:\n"):
+        attributes.main(["--out", "out"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_features_of_every_dataset_hold_the_configured_pool(built):
+    from biovlm.features import load_features
+
+    assert sorted(p.name for p in (built / "features").iterdir()) == ["bloodmnist.safetensors",
+                                                                      "breastmnist.safetensors"]
+    feats = load_features(built / "features" / "bloodmnist.safetensors")
+    meta = {k: feats.meta[k] for k in ("dataset", "backbone", "size", "views", "seeds", "max_shots", "n_classes")}
+    assert meta == {"dataset": "bloodmnist", "backbone": "tiny", "size": 28, "views": 1, "seeds": [1],
+                    "max_shots": 2, "n_classes": 8}
+    assert sorted(feats.pool_labels.tolist()) == sorted(list(range(8)) * 2)  # 2 shots of each class, one seed
+    assert len(feats.test_labels) == 16
+
+
+def test_features_of_one_named_dataset_only(built, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    shutil.copytree(built / "data" / "raw", tmp_path / "data" / "raw")
+    features.main(["--dataset", "breastmnist"])
+    assert [p.name for p in (tmp_path / "features").iterdir()] == ["breastmnist.safetensors"]
+    assert "  breastmnist: features/breastmnist.safetensors (" in capsys.readouterr().out
+
+
+def test_features_errors_name_the_dataset_or_the_missing_download(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    assert stage_error(capsys, "features", features.main, ["--dataset", "pathmnist", "--dataset", "bloodmnist"]) == (
+        "features: error: ['pathmnist'] not in params.yaml datasets (breastmnist, bloodmnist)")
+    assert stage_error(capsys, "features", features.main, []) == (
+        "features: error: no data in data/raw/breastmnist/synthetic, data/raw/bloodmnist/synthetic: run the "
+        "download stages first (dvc repro)")
+    assert not (tmp_path / "features").exists()
+
+
+def test_filter_tables_score_every_pool_image_against_every_attribute(built):
+    from biovlm.features import load_features
+    from biovlm.filtering import load_table
+
+    assert sorted(p.name for p in (built / "data" / "filtered").iterdir()) == ["bloodmnist.json", "breastmnist.json"]
+    table = load_table(built / "data" / "filtered" / "bloodmnist.json")
+    feats = load_features(built / "features" / "bloodmnist.safetensors")
+    assert tuple(table.similarity.shape) == (16, 8, 10) and tuple(table.class_similarity.shape) == (16, 8)
+    assert table.pool_labels.tolist() == feats.pool_labels.tolist()
+    rec = json.loads((built / "data" / "attributes" / "bloodmnist.json").read_text())
+    assert table.attributes == rec["attributes"] and table.class_names == rec["classes"]
+
+
+def test_filter_reads_and_writes_the_folders_it_is_given(built, tmp_path, monkeypatch):
+    """--attributes, --features and --out from another working folder give the same tables."""
+    from biovlm.filtering import load_table
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    filter_stage.main(["--attributes", str(built / "data" / "attributes"), "--features", str(built / "features"),
+                 "--out", "tables"])
+    assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["bloodmnist.json", "breastmnist.json"]
+    mine, theirs = (load_table(d / "breastmnist.json") for d in (tmp_path / "tables", built / "data" / "filtered"))
+    assert mine.similarity.equal(theirs.similarity) and mine.pool_indices.tolist() == theirs.pool_indices.tolist()
+
+
+def test_filter_errors_name_every_missing_input_and_stale_attributes(built, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    assert stage_error(capsys, "filter", filter_stage.main, []) == (
+        "filter: error: missing inputs data/attributes/breastmnist.json, features/breastmnist.safetensors, "
+        "data/attributes/bloodmnist.json, features/bloodmnist.safetensors; run the attributes and features stages")
+    # attributes written for other class names (an older attributes stage): refused, nothing written
+    shutil.copytree(built / "data" / "attributes", tmp_path / "attrs")
+    rec = json.loads((tmp_path / "attrs" / "breastmnist.json").read_text())
+    (tmp_path / "attrs" / "breastmnist.json").write_text(json.dumps({**rec, "classes": ["benign", "malignant"]}))
+    argv = ["--attributes", "attrs", "--features", str(built / "features"), "--out", "tables"]
+    assert stage_error(capsys, "filter", filter_stage.main, argv) == (
+        "filter: error: attrs/breastmnist.json lists classes ['benign', 'malignant'], expected "
+        "['malignant', 'normal, benign']: rerun the attributes stage")
+    assert list((tmp_path / "tables").iterdir()) == []
+
+
+def test_train_writes_results_environment_and_curves_of_every_method(built):
+    for method in METHODS2:
+        df = pd.read_csv(built / "results" / f"{method}.csv")
+        assert list(df.columns) == list(RESULT_COLUMNS) and set(df.method) == {method}
+        assert df.groupby(["setting", "part"]).size().to_dict() == {
+            ("base2new", "base"): 2, ("base2new", "novel"): 2, ("crossdata", "all"): 4, ("fewshot", "all"): 4}
+        assert sorted(p.name for p in (built / "checkpoints" / method / "fewshot" / "bloodmnist").iterdir()) == [
+            "k1_seed1.pt", "k2_seed1.pt"]
+    assert sorted(p.name for p in (built / "results").iterdir()) == ["coop.csv", "environment.json", "zeroshot.csv"]
+    env = json.loads((built / "results" / "environment.json").read_text())
+    assert env["device"].startswith("cpu") and env["backbone"]["name"] == "tiny"
+    curve = built / "dvclive" / "coop" / "plots" / "metrics" / "fewshot" / "bloodmnist" / "k2_seed1"
+    assert (curve / "loss.tsv").exists()
+
+
+def test_train_of_every_method_removes_checkpoints_of_methods_no_longer_configured(built):
+    """checkpoints/ persists between DVC runs, so the stage itself drops the folder of a method taken out of
+    params.yaml (the fixture made checkpoints/biovlm/ before training)."""
+    assert sorted(p.name for p in (built / "checkpoints").iterdir()) == METHODS2[::-1]
+
+
+def test_train_rerun_reuses_every_checkpoint_of_the_configured_methods(built, tmp_path, monkeypatch, capsys):
+    """The clean-up of stale methods leaves the configured methods' run files, so a rerun trains nothing."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    for folder in ("features", "data/filtered", "checkpoints"):
+        shutil.copytree(built / folder, tmp_path / folder)
+    capsys.readouterr()
+    train.main(["--no-live"])
+    out = capsys.readouterr().out
+    assert "zeroshot: 6 runs (0 trained, 6 reused)" in out and "coop: 6 runs (0 trained, 6 reused)" in out
+    for method in METHODS2:
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / f"{method}.csv"),
+                                      pd.read_csv(built / "results" / f"{method}.csv"))
+
+
+def test_train_of_named_methods_keeps_the_other_checkpoints(built, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    for folder in ("features", "data/filtered"):
+        shutil.copytree(built / folder, tmp_path / folder)
+    (tmp_path / "checkpoints" / "biovlm").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "coop").mkdir()
+    train.main(["zeroshot", "--no-live"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["biovlm", "coop", "zeroshot"]
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["environment.json", "zeroshot.csv"]
+    assert not (tmp_path / "dvclive").exists()
+    assert "train zeroshot: 12 rows -> results/zeroshot.csv (" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / "zeroshot.csv"),
+                                  pd.read_csv(built / "results" / "zeroshot.csv"))
+
+
+def test_train_errors_name_the_method_or_the_missing_inputs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    assert stage_error(capsys, "train", train.main, ["coop", "biovlm"]) == (
+        "train: error: method(s) ['biovlm'] not in params.yaml methods (zeroshot, coop)")
+    assert stage_error(capsys, "train", train.main, []) == (
+        "train: error: feature file(s) features/breastmnist.safetensors, features/bloodmnist.safetensors missing; "
+        "run the features stage first (dvc repro features)")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------- evaluate, report
+def results_rows(method: str) -> list[dict]:
+    """Hand-made results of one method (two datasets, seeds 1 and 2); the expected metrics are worked out in the
+    tests below."""
+    fewshot = {  # (target, K): accuracy of seeds 1 and 2
+        "coop": {("breastmnist", 1): (50, 52), ("breastmnist", 2): (60, 70), ("bloodmnist", 1): (20, 22),
+                 ("bloodmnist", 2): (80, 90)},
+        "zeroshot": {("breastmnist", 1): (40, 40), ("breastmnist", 2): (40, 40), ("bloodmnist", 1): (30, 30),
+                     ("bloodmnist", 2): (30, 30)},
+    }[method]
+    base_novel = {"coop": {"breastmnist": (90, 60), "bloodmnist": (80, 40)},
+                  "zeroshot": {"breastmnist": (70, 70), "bloodmnist": (50, 50)}}[method]
+    transfer = {"coop": {("breastmnist", "bloodmnist"): 30, ("bloodmnist", "breastmnist"): 50},
+                "zeroshot": {("breastmnist", "bloodmnist"): 20, ("bloodmnist", "breastmnist"): 40}}[method]
+    rows = []
+
+    def add(setting, source, target, shots, seed, part, acc):
+        rows.append({"method": method, "setting": setting, "source": source, "target": target, "shots": shots,
+                     "seed": seed, "part": part, "n_classes": 2, "n": 16, "accuracy": float(acc),
+                     "macro_f1": acc - 10.0, "auc": acc + 5.0, "ece": 10.0})
+
+    for seed in (1, 2):
+        for (target, k), accs in fewshot.items():
+            add("fewshot", target, target, k, seed, "all", accs[seed - 1])
+        for target, (base, novel) in base_novel.items():
+            add("base2new", target, target, 2, seed, "base", base)
+            add("base2new", target, target, 2, seed, "novel", novel)
+        for source in DATASETS2:
+            for target in DATASETS2:
+                acc = fewshot[(source, 2)][seed - 1] if source == target else transfer[(source, target)]
+                add("crossdata", source, target, 2, seed, "all", acc)
+    return rows[::-1]  # bloodmnist first: the stages must order datasets as params.yaml does
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch) -> Path:
+    """A working folder with params.yaml (tiny profile, seeds 1 and 2) and results/<method>.csv of both methods,
+    plus results/biovlm.csv of a method no longer configured."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", **{"profiles.demo.seeds": [1, 2]})
+    (tmp_path / "results").mkdir()
+    for method in (*METHODS2, "biovlm"):
+        rows = results_rows("coop" if method == "biovlm" else method)
+        frame = pd.DataFrame(rows)[list(RESULT_COLUMNS)].assign(method=method)
+        frame.to_csv(tmp_path / "results" / f"{method}.csv", index=False)
+    return tmp_path
+
+
+def test_evaluate_writes_the_hand_computed_metrics(results_dir, capsys):
+    evaluate.main([])
+    metrics = results_dir / "metrics"
+    summary = json.loads((metrics / "summary.json").read_text())
+    # few-shot at K=2, per seed averaged over datasets: coop (60+80)/2, (70+90)/2 -> 75 +- 5
+    # base2new: HM of the dataset-average base and novel: coop 2*85*50/135, zeroshot 60
+    # crossdata: mean of the off-diagonal transfers: coop (30+50)/2, zeroshot (20+40)/2
+    assert summary == {"fewshot": {"zeroshot": 35.0, "coop": 75.0}, "base2new": {"zeroshot": 60.0, "coop": 62.963},
+                       "crossdata": {"zeroshot": 30.0, "coop": 40.0}}
+    assert json.loads(capsys.readouterr().out) == summary
+    fewshot = json.loads((metrics / "fewshot.json").read_text())
+    assert list(fewshot) == METHODS2  # params.yaml's order; biovlm.csv is not read
+    assert list(fewshot["coop"]["k2"]) == ["breastmnist", "bloodmnist", "average"]
+    assert fewshot["coop"]["k2"]["breastmnist"]["accuracy"] == {"mean": 65.0, "std": 5.0}
+    assert fewshot["coop"]["k2"]["average"]["macro_f1"] == {"mean": 65.0, "std": 5.0}
+    base2new = json.loads((metrics / "base2new.json").read_text())
+    assert base2new["coop"]["breastmnist"]["hm"] == {"mean": 72.0}
+    assert base2new["coop"]["average"]["novel"]["accuracy"] == {"mean": 50.0, "std": 0.0}
+    crossdata = json.loads((metrics / "crossdata.json").read_text())
+    assert crossdata["coop"]["bloodmnist"]["breastmnist"] == {"accuracy": {"mean": 50.0, "std": 0.0}}
+    assert crossdata["coop"]["average"]["in_domain"]["accuracy"] == {"mean": 75.0, "std": 5.0}
+    curve = pd.read_csv(metrics / "plots" / "fewshot_curve.csv")
+    assert curve.to_dict("records") == [
+        {"method": "zeroshot", "shots": 1, "accuracy": 35.0, "std": 0.0},
+        {"method": "zeroshot", "shots": 2, "accuracy": 35.0, "std": 0.0},
+        {"method": "coop", "shots": 1, "accuracy": 36.0, "std": 1.0},
+        {"method": "coop", "shots": 2, "accuracy": 75.0, "std": 5.0}]
+    matrix = pd.read_csv(metrics / "plots" / "crossdata.csv")
+    assert list(matrix.columns) == ["method", "source", "target", "accuracy"]
+    assert matrix[matrix.method == "coop"].accuracy.tolist() == [65.0, 30.0, 50.0, 85.0]  # params.yaml's order
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # the std of inf
+def test_evaluate_refuses_a_non_finite_metric_before_writing_any(results_dir, capsys):
+    frame = pd.read_csv(results_dir / "results" / "coop.csv")
+    frame.loc[(frame.setting == "fewshot") & (frame.target == "breastmnist") & (frame.shots == 2), "accuracy"] = (
+        float("inf"))
+    frame.to_csv(results_dir / "results" / "coop.csv", index=False)
+    assert stage_error(capsys, "evaluate", evaluate.main, []) == (
+        "evaluate: error: metric fewshot.coop.k2.breastmnist.accuracy.mean is inf")
+    assert not list((results_dir / "metrics").glob("*.json"))
+
+
+@pytest.mark.parametrize("stage", [evaluate, report], ids=["evaluate", "report"])
+def test_missing_or_outdated_results_name_the_file_and_the_train_stage(stage, results_dir, capsys):
+    name = stage.__name__.split(".")[-1]
+    frame = pd.read_csv(results_dir / "results" / "coop.csv")
+    frame.drop(columns=["ece"]).to_csv(results_dir / "results" / "coop.csv", index=False)
+    assert stage_error(capsys, name, stage.main, []) == (
+        f"{name}: error: results/coop.csv lacks the columns ['ece']; rerun its train stage")
+    (results_dir / "results" / "zeroshot.csv").unlink()
+    assert stage_error(capsys, name, stage.main, ["--out", "elsewhere"]) == (
+        f"{name}: error: results file results/zeroshot.csv not found; run its train stage (dvc repro)")
+    assert not (results_dir / "elsewhere").exists()
+
+
+def test_report_writes_tables_figures_and_the_configuration(results_dir, capsys):
+    record = {"packages": {"torch": "2.0", "open_clip_torch": "3.0", "kornia": "0.9", "numpy": "2.0"},
+              "machine": {"python": "3.11.7", "processor": "x86_64"}, "device": "cpu",
+              "git_commit": "0123456789abcdef"}
+    (results_dir / "results" / "environment.json").write_text(json.dumps(record))
+    report.main([])
+    md = (results_dir / "report" / "report.md").read_text().splitlines()
+    assert md[:5] == ["# biovlm benchmark report", "",
+                      "Configuration: profile `demo`; backbone `tiny`, 28 px synthetic twins, seeds [1, 2], "
+                      "1 epochs (see params.yaml and dvc.lock).", "",
+                      "Environment: Python 3.11.7, torch 2.0, open_clip 3.0, kornia 0.9, numpy 2.0, cpu, "
+                      "commit 0123456789ab."]
+    assert "| zeroshot | coop |" in md[md.index("**Few-shot accuracy (%), K = 2 (shots per class)**") + 2]
+    assert "| breastmnist | 40.0 ± 0.0 | **65.0 ± 5.0** |" in md
+    assert "| **Average** | 35.0 ± 0.0 | **75.0 ± 5.0** |" in md
+    assert not any("biovlm" in line for line in md[1:])  # the method no longer configured is not reported
+    assert sorted(p.name for p in (results_dir / "report" / "figures").iterdir()) == [
+        "base2new.png", "crossdata_heatmap.png", "fewshot_average.png", "fewshot_per_dataset.png"]
+    assert r"\toprule" in (results_dir / "report" / "tables.tex").read_text()
+    assert capsys.readouterr().out.startswith("report: report/report.md, report/tables.tex, report/figures/")
+
+
+def test_report_header_of_the_paper_profile_without_environment(results_dir):
+    write_params(results_dir / "params.yaml", profile="paper", seeds=[1, 2], **{"fewshot.shots": [1, 2]})
+    report.main(["--out", "paper"])
+    md = (results_dir / "paper" / "report.md").read_text().splitlines()
+    assert md[2] == ("Configuration: profile `paper`; backbone `biomedclip`, 224 px MedMNIST+, seeds [1, 2], "
+                     "50 epochs (see params.yaml and dvc.lock).")
+    assert not any(line.startswith("Environment:") for line in md)
+
+
+# ---------------------------------------------------------------------------------------------- every stage
+EVERY_STAGE = [("download", download, ["breastmnist"]), ("attributes", attributes, []), ("features", features, []),
+               ("filter", filter_stage, []), ("train", train, []), ("evaluate", evaluate, []), ("report", report, [])]
+
+
+@pytest.mark.parametrize(("name", "stage", "argv"), EVERY_STAGE, ids=[s[0] for s in EVERY_STAGE])
+def test_every_stage_names_a_missing_params_file(name, stage, argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert stage_error(capsys, name, stage.main, [*argv, "--params", "nope.yaml"]) == (
+        f"{name}: error: nope.yaml not found: run from the repository root (where params.yaml lives)")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("name", "stage", "argv"), EVERY_STAGE, ids=[s[0] for s in EVERY_STAGE])
+def test_every_stage_refuses_an_unknown_option_with_its_usage(name, stage, argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        stage.main([*argv, "--epochs=3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and err.endswith("error: unrecognized arguments: --epochs=3\n")
+
+
+def test_every_stage_reports_a_bad_params_value_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", **{"profiles.demo.train.epochs": 0})
+    for name, stage, argv in EVERY_STAGE:
+        assert stage_error(capsys, name, stage.main, argv) == (
+            f"{name}: error: params.yaml: profiles.demo.train.epochs (profile 'demo' sets it) must be a positive "
+            f"integer, got 0")
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
+
+
+def test_download_needs_a_dataset_argument(capsys):
+    with pytest.raises(SystemExit) as exc:
+        download.main([])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.endswith("error: the following arguments are required: dataset\n")
