@@ -77,7 +77,9 @@ def test_code_digest_hashes_every_code_file_by_name_and_bytes():
         for path in sorted(root.glob(pattern)):
             names.append(path.relative_to(root).as_posix())
             digest.update(names[-1].encode() + path.read_bytes())
-    assert {"runs.py", "train.py", "sampling.py", "filtering.py", "methods/coop.py"} <= set(names)
+    methods = sorted(f"methods/{p.name}" for p in (root / "methods").glob("*.py"))
+    assert names == ["runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py", "filtering.py",
+                     "sampling.py", *methods]
     assert runs.code_digest() == digest.hexdigest()
 
 
@@ -331,6 +333,12 @@ def test_a_single_training_class_trains_nothing(tiny_backbone, inputs):
                                 "skipped": "one training class: every prediction is that class"}
     assert [(r["part"], r["accuracy"], r["n_classes"]) for r in state["rows"]] == [("base", 100.0, 1),
                                                                                   ("novel", 100.0, 1)]
+    # the one class keeps every attribute (nothing to rank against); two classes are trained and filtered
+    one = runs.train_and_evaluate("biovlm", cfg, tiny_backbone, data, R("base2new", "breastmnist", 4, 1))
+    assert one["checkpoint"]["meta"]["attributes"] == data.table.attributes[:1]
+    two = runs.train_and_evaluate("biovlm", cfg, tiny_backbone, data, R("fewshot", "breastmnist", 4, 1))
+    assert two["checkpoint"]["meta"]["attributes"] == data.table.select(data.features.shots(1, 4), [0, 1], 2)
+    assert len(data.table.attributes[0]) == 3 and len(two["history"]["epochs"]) == cfg["train"]["epochs"]
 
 
 def test_trained_runs_follow_the_train_knobs_and_differ_across_seeds(tiny_backbone, inputs):
@@ -361,14 +369,23 @@ def test_memo_reuses_the_metrics_of_a_class_list(tiny_backbone, inputs):
 def test_cross_evaluate_tests_the_checkpoint_on_every_other_dataset(tiny_backbone, inputs, monkeypatch):
     cfg = small_config()
     run = R("fewshot", "bloodmnist", 4, 1)
-    saved = runs.train_and_evaluate("coop", cfg, tiny_backbone, inputs["bloodmnist"], run)
-    rows = runs.cross_evaluate("coop", cfg, tiny_backbone, saved, "bloodmnist", run, inputs)
-    method = build_method("coop", tiny_backbone, cfg, inputs["bloodmnist"].info)
+    saved = runs.train_and_evaluate("biovlm", cfg, tiny_backbone, inputs["bloodmnist"], run)
+    rows = runs.cross_evaluate("biovlm", cfg, tiny_backbone, saved, "bloodmnist", run, inputs)
+    method = build_method("biovlm", tiny_backbone, cfg, inputs["bloodmnist"].info,
+                          attributes=saved["checkpoint"]["meta"]["attributes"])
     method.load_checkpoint(saved["checkpoint"])
-    other = runs.evaluate_part(method, inputs["breastmnist"], [0, 1])
-    assert rows == [{"method": "coop", "setting": "crossdata", "source": "bloodmnist", "target": "breastmnist",
+    other = runs.evaluate_part(method, inputs["breastmnist"], [0, 1], attributes=inputs["breastmnist"].table.attributes)
+    assert rows == [{"method": "biovlm", "setting": "crossdata", "source": "bloodmnist", "target": "breastmnist",
                      "shots": 4, "seed": 1, "part": "all", **other},
                     {**saved["rows"][0], "setting": "crossdata"}]
+    # a method reading attributes at test time gets the target's (every attribute: label-free)
+    za = runs.train_and_evaluate("zeroshot_attr", cfg, tiny_backbone, inputs["bloodmnist"], run)
+    target = inputs["breastmnist"]
+    method = build_method("zeroshot_attr", tiny_backbone, cfg, target.info, attributes=target.table.attributes)
+    expected = runs.evaluate_part(method, target, [0, 1], attributes=target.table.attributes)
+    assert expected != runs.evaluate_part(method, target, [0, 1], attributes=target.table.attributes[::-1])
+    rows = runs.cross_evaluate("zeroshot_attr", cfg, tiny_backbone, za, "bloodmnist", run, inputs)
+    assert rows[0] == {**rows[0], **expected}
     memo = {("breastmnist", (0, 1)): {"accuracy": -1.0}}
     zs = runs.train_and_evaluate("zeroshot", cfg, tiny_backbone, inputs["bloodmnist"], run)
     rows = runs.cross_evaluate("zeroshot", cfg, tiny_backbone, zs, "bloodmnist", run, inputs, memo)
@@ -384,7 +401,7 @@ def test_cross_evaluate_tests_the_checkpoint_on_every_other_dataset(tiny_backbon
         raise NotTransferable("no")
 
     monkeypatch.setattr(runs, "evaluate_part", not_transferable)
-    assert runs.cross_evaluate("coop", cfg, tiny_backbone, saved, "bloodmnist", run, inputs) == []
+    assert runs.cross_evaluate("biovlm", cfg, tiny_backbone, saved, "bloodmnist", run, inputs) == []
 
 
 def test_run_method_reports_saves_reuses_and_prunes(tiny_backbone, inputs, tmp_path):
