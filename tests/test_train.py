@@ -290,12 +290,18 @@ class _Linear(Method):
 
     name = "linear"
 
-    def __init__(self, backbone, info):
-        super().__init__(backbone, {}, info, range(info.n_classes))
+    def __init__(self, backbone, info, class_ids=None):
+        super().__init__(backbone, {}, info, range(info.n_classes) if class_ids is None else class_ids)
         self.w = nn.Parameter(torch.zeros(3))
         self.frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
+        self.setup_args: tuple = ()
+        self.modes: list[bool] = []
+
+    def setup(self, features, labels, validation=None):
+        self.setup_args = (features, labels, validation)
 
     def loss(self, batch):
+        self.modes.append(self.training)
         loss = self.w.sum() + 0 * batch["plain"].sum()
         return loss, {"loss": loss.item(), "size": float(len(batch["labels"]))}
 
@@ -435,3 +441,25 @@ def test_predict_restores_the_mode_and_caps_the_batch(tiny_backbone):
     seen.clear()
     predict(m, x, ["a", "b"], INFO, batch_size=2)
     assert not m.training and seen == [2, 2, 2, 1]
+
+
+def test_fit_hands_setup_the_shots_and_validates_every_epoch_in_train_mode(tiny_backbone):
+    feats = features_for(tiny_backbone.embed_dim)  # pool: 4 shots of each of 8 classes; val: 0..7, 0..7
+    m = _Linear(tiny_backbone, INFO, class_ids=[2, 0])  # the method's classes, in its own order
+    history = fit(m, feats, [9, 0, 1], {"train": {"epochs": 3, "batch_size": 2}}, seed=0, val_rows=[0, 2, 10, 5])
+    features, labels, (val_x, val_y) = m.setup_args
+    assert torch.equal(features, feats.pool_clean[[9, 0, 1]]) and labels.tolist() == [0, 1, 1]
+    assert torch.equal(val_x, feats.val_features[[0, 2, 10]]) and val_y.tolist() == [1, 0, 0]
+    # the head scores every class alike, so the prediction is the first class (2): right on 2 of 3 validation shots
+    assert [r["val_acc"] for r in history["epochs"]] == pytest.approx([2 / 3] * 3)
+    assert m.modes == [True] * 6 and not m.training
+    one = fit(_Linear(tiny_backbone, INFO), feats, [5], {"train": {"epochs": 1}}, seed=0)
+    assert one["steps"] == 1
+    m = _Linear(tiny_backbone, INFO)
+    fit(m, feats, [5], {"train": {"epochs": 1}}, seed=0, val_rows=[])
+    assert m.setup_args[2] is None
+
+
+def test_train_defaults_are_coops_published_schedule():
+    assert TRAIN_DEFAULTS == {"epochs": 50, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1,
+                              "warmup_lr": 1e-5, "batch_size": 32, "eval_batch_size": 1024, "val_every": 1}
