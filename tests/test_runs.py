@@ -422,6 +422,7 @@ def test_run_method_reports_saves_reuses_and_prunes(tiny_backbone, inputs, tmp_p
     assert lines[8] == "zeroshot crossdata: 4 rows"
     assert re.fullmatch(r"zeroshot: 8 runs \(8 trained, 0 reused\) in \d+\.\d s", lines[9]) and len(lines) == 10
     assert not stale.exists() and not (out / "fewshot" / "old").exists() and (out / "notes.txt").exists()
+    runs._prune(tmp_path / "never-written", set())  # no folder: nothing to prune
 
     code = runs.code_digest()
     for run in plan:
