@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -254,3 +255,20 @@ def test_missing_table_message(tmp_path):
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is confidence-table format 1, this code reads 2; "
                                          "rerun the 'filter' stage$"):
         F.load_table(path)
+
+
+def test_tables_are_utf8_whatever_the_locale(tmp_path):
+    """Attribute texts are not ASCII-only: a table written and read under a plain C (ASCII) locale is still UTF-8."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, numpy as np, torch; from biovlm import filtering as F; "
+              "t = F.ConfidenceTable('toy', ['c'], [['\\u00e9paisse']], np.array([0]), np.array([0]), "
+              "torch.zeros(1, 1, 1), torch.zeros(1, 1), 1.0); F.save_table(t, sys.argv[1]); "
+              "assert F.load_table(sys.argv[1]).attributes == [['\\u00e9paisse']]")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "t.json")], env=env, capture_output=True,
+                          text=True, cwd=Path(F.__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\"épaisse\"" in (tmp_path / "t.json").read_text("utf-8")
