@@ -272,3 +272,20 @@ def test_tables_are_utf8_whatever_the_locale(tmp_path):
                           text=True, cwd=Path(F.__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\"épaisse\"" in (tmp_path / "t.json").read_text("utf-8")
+
+
+def test_loaded_tables_have_fixed_dtypes(tmp_path):
+    """Indices int64 and cosines float32 whatever torch's default dtype, even for a table without images."""
+    empty = F.ConfidenceTable("toy", ["c"], [["a"]], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                              torch.zeros(0, 1, 1), torch.zeros(0, 1), 1.0)
+    F.save_table(empty, tmp_path / "empty.json")
+    F.save_table(random_table(P=2, C=2, N=1), tmp_path / "two.json")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        loaded = [F.load_table(tmp_path / "empty.json"), F.load_table(tmp_path / "two.json")]
+    finally:
+        torch.set_default_dtype(default)
+    for table in loaded:
+        assert table.pool_indices.dtype == np.int64 and table.pool_labels.dtype == np.int64
+        assert table.similarity.dtype == torch.float32 and table.class_similarity.dtype == torch.float32
