@@ -300,11 +300,11 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
     method = build_method(method_name, backbone, cfg, data.info, attributes=attributes, class_ids=train_ids)
     history: dict = {"epochs": [], "steps": 0, "seconds": 0.0, "skipped": None}
     if len(train_ids) > 1:
-        val_rows = data.features.val_shots(run.seed, run.shots, classes=train_ids)  # the run's own, no other seed's
+        val_rows = data.features.val_shots(run.seed, run.shots)  # the run's own seed; fit keeps its classes
         history = fit(method, data.features, positions, cfg, run.seed, log=log, val_rows=val_rows)
     else:
         history["skipped"] = "one training class: every prediction is that class"
-    batch = cfg["train"].get("eval_batch_size", 1024)
+    batch = cfg["train"].get("eval_batch_size", 1024)  # pragma: no mutate: predictions do not depend on the batch size
     rows = []
     for part, ids in parts:
         unseen = part == "novel"
@@ -340,7 +340,7 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
     method = build_method(method_name, backbone, cfg, src.info, attributes=attributes)
     method.load_checkpoint(saved["checkpoint"])
     rows = []
-    batch = cfg["train"].get("eval_batch_size", 1024)
+    batch = cfg["train"].get("eval_batch_size", 1024)  # pragma: no mutate: predictions do not depend on the batch size
     for target, data in inputs.items():
         if target == source:  # in-domain diagonal: the few-shot run's own test result
             rows += [{**r, "setting": "crossdata"} for r in saved["rows"] if r["part"] == "all"]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -412,7 +413,11 @@ def test_run_method_reports_saves_reuses_and_prunes(tiny_backbone, inputs, tmp_p
     stale.write_bytes(b"")
     (out / "notes.txt").write_text("kept")
     lines: list[str] = []
+    start = time.perf_counter()
     df = runs.run_method("zeroshot", cfg, tiny_backbone, inputs, out, echo=lines.append)
+    elapsed = time.perf_counter() - start
+    reported = [float(t) for line in lines for t in re.findall(r"(\d+\.\d) s\)?$", line)]
+    assert len(reported) == 9 and max(reported) <= elapsed + 0.05  # durations of this call, not clock readings
     plan = runs.plan_runs(cfg)
     assert len(plan) == 8
     for i, (run, line) in enumerate(zip(plan, lines, strict=False), 1):
