@@ -463,3 +463,17 @@ def test_fit_hands_setup_the_shots_and_validates_every_epoch_in_train_mode(tiny_
 def test_train_defaults_are_coops_published_schedule():
     assert TRAIN_DEFAULTS == {"epochs": 50, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1,
                               "warmup_lr": 1e-5, "batch_size": 32, "eval_batch_size": 1024, "val_every": 1}
+
+
+def test_autocast_is_bf16_on_cuda_and_off_on_cpu():
+    import warnings
+
+    from biovlm.train import _autocast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch warns that it disables the context
+        cuda = _autocast(torch.device("cuda"))
+    assert cuda.device == "cuda" and cuda.fast_dtype == torch.bfloat16
+    with _autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
