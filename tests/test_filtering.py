@@ -272,6 +272,7 @@ def test_tables_are_utf8_whatever_the_locale(tmp_path):
                           text=True, cwd=Path(F.__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\"épaisse\"" in (tmp_path / "t.json").read_text("utf-8")
+    assert F.load_table(tmp_path / "t.json").attributes == [["épaisse"]]  # and here, whatever this locale is
 
 
 def test_loaded_tables_have_fixed_dtypes(tmp_path):
