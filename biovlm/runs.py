@@ -191,9 +191,9 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
             raise InputError(f"{path} does not match params.yaml ({e}); rerun the features stage "
                              f"(dvc repro features)") from None
         meta = feats.meta
-        missing_seeds = sorted(set(seeds) - set(meta.get("seeds", [])))
-        if missing_seeds or int(meta.get("max_shots", 0)) < need_k:
-            raise InputError(f"{path} holds shots for seeds {meta.get('seeds')} up to K={meta.get('max_shots')}, "
+        missing_seeds = sorted(set(seeds) - set(meta["seeds"]))  # load_features checked the format: both are there
+        if missing_seeds or int(meta["max_shots"]) < need_k:
+            raise InputError(f"{path} holds shots for seeds {meta['seeds']} up to K={meta['max_shots']}, "
                              f"but params.yaml asks for seeds {seeds} and K up to {need_k}; rerun the features "
                              f"stage (dvc repro features)")
         table, digest = None, file_digest(path)
@@ -261,7 +261,7 @@ def evaluate_part(method, data: DatasetInputs, class_ids: Sequence[int], batch_s
     labels = np.asarray(data.features.test_labels).reshape(-1)
     class_ids = [int(c) for c in class_ids]
     mask = np.isin(labels, class_ids)
-    lut = np.full(int(labels.max()) + 1, -1)
+    lut = np.full(int(labels.max()) + 1, -1)  # pragma: no mutate: only class_ids' entries are read (size, fill)
     lut[class_ids] = np.arange(len(class_ids))
     y = lut[labels[mask]]
     if trivial:  # one class: the only possible answer, whatever the method
@@ -300,11 +300,11 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
     method = build_method(method_name, backbone, cfg, data.info, attributes=attributes, class_ids=train_ids)
     history: dict = {"epochs": [], "steps": 0, "seconds": 0.0, "skipped": None}
     if len(train_ids) > 1:
-        val_rows = data.features.val_shots(run.seed, run.shots, classes=train_ids)  # the run's own, no other seed's
+        val_rows = data.features.val_shots(run.seed, run.shots)  # the run's own seed; fit keeps its classes
         history = fit(method, data.features, positions, cfg, run.seed, log=log, val_rows=val_rows)
     else:
         history["skipped"] = "one training class: every prediction is that class"
-    batch = cfg["train"].get("eval_batch_size", 1024)
+    batch = cfg["train"].get("eval_batch_size", 1024)  # pragma: no mutate: predictions do not depend on the batch size
     rows = []
     for part, ids in parts:
         unseen = part == "novel"
@@ -340,7 +340,7 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
     method = build_method(method_name, backbone, cfg, src.info, attributes=attributes)
     method.load_checkpoint(saved["checkpoint"])
     rows = []
-    batch = cfg["train"].get("eval_batch_size", 1024)
+    batch = cfg["train"].get("eval_batch_size", 1024)  # pragma: no mutate: predictions do not depend on the batch size
     for target, data in inputs.items():
         if target == source:  # in-domain diagonal: the few-shot run's own test result
             rows += [{**r, "setting": "crossdata"} for r in saved["rows"] if r["part"] == "all"]
@@ -425,9 +425,7 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
 
 def _prune(out_dir: Path, keep: set[Path]) -> None:
     """Delete run files no current plan refers to (left by earlier configurations), then empty folders."""
-    if not out_dir.exists():
-        return
-    for path in out_dir.rglob("*.pt"):
+    for path in out_dir.rglob("*.pt"):  # nothing when out_dir does not exist
         if path not in keep:
             path.unlink()
     for folder in sorted((p for p in out_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):

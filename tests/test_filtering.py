@@ -4,7 +4,10 @@ run's own shots of its own training classes."""
 from __future__ import annotations
 
 import copy
+import json
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -153,3 +156,137 @@ def test_clear_errors(tmp_path):
     (tmp_path / "old.json").write_text('{"kept": [["a"]]}')
     with pytest.raises(ValueError, match=r"old.json is confidence-table format None, this code reads 2; rerun"):
         F.load_table(tmp_path / "old.json")
+
+
+def loop_scores(table: F.ConfidenceTable, rows, class_ids) -> list[list[float]]:
+    """The score formula image by image, read straight off the table: for class c and attribute j, the mean over
+    c's shots i of sigmoid(s * sim[i, c, j] - logsumexp_{k != c} s * class_sim[i, k])."""
+    s = table.logit_scale
+    out = []
+    for c in class_ids:
+        shots = [i for i in rows if int(table.pool_labels[i]) == c]
+        per_attr = []
+        for j in range(table.similarity.shape[2]):
+            ps = []
+            for i in shots:
+                rest = [s * float(table.class_similarity[i, k]) for k in class_ids if k != c]
+                top = max(rest)
+                lse = top + math.log(sum(math.exp(v - top) for v in rest))
+                ps.append(1 / (1 + math.exp(-(s * float(table.similarity[i, c, j]) - lse))))
+            per_attr.append(sum(ps) / len(ps))
+        out.append(per_attr)
+    return out
+
+
+def random_table(P=14, C=4, N=3, scale=7.0, seed=0) -> F.ConfidenceTable:
+    g = torch.Generator().manual_seed(seed)
+    labels = np.arange(P) % C
+    return F.ConfidenceTable("rand", [f"c{c}" for c in range(C)], [[f"a{c}{j}" for j in range(N)] for c in range(C)],
+                             np.arange(P), labels, torch.rand(P, C, N, generator=g) * 2 - 1,
+                             torch.rand(P, C, generator=g) * 2 - 1, scale)
+
+
+def test_score_equals_a_plain_loop_of_its_formula():
+    table = random_table()
+    rows = [0, 3, 4, 5, 8, 10, 11, 13]  # class 0: 0, 4, 8; class 1: 5, 13; class 2: 10; class 3: 3, 11
+    for class_ids in ([0, 1, 2, 3], [3, 0, 2], [1, 3]):
+        expected = torch.tensor(loop_scores(table, rows, class_ids))
+        torch.testing.assert_close(table.scores(np.array(rows), class_ids), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_select_keeps_the_best_of_each_training_class_and_every_attribute_of_the_rest():
+    table = random_table(N=4, seed=2)
+    rows = np.arange(14)
+    expected = loop_scores(table, rows, [2, 0])
+    kept = table.select(rows, [2, 0], keep=2)
+    for c, scores in zip([2, 0], expected, strict=True):
+        best = sorted(range(4), key=lambda j, s=scores: (-s[j], j))[:2]
+        assert kept[c] == [f"a{c}{j}" for j in best]
+    assert kept[1] == table.attributes[1] and kept[3] == table.attributes[3]
+    assert kept is not table.attributes and kept[1] is not table.attributes[1]
+
+
+@pytest.mark.parametrize("keep", [0, 5])
+def test_keep_outside_the_attribute_count_is_named(keep):
+    with pytest.raises(ValueError, match=rf"^filter.keep must be in 1..4 \(attributes per class\), got {keep}$"):
+        F.select(torch.zeros(2, 4), keep)
+    assert F.select(torch.zeros(2, 4), 1) == [[0], [0]]
+
+
+def test_encode_attributes_checks_the_lists(tiny_backbone):
+    info = get_dataset("breastmnist")
+    with pytest.raises(ValueError, match=r"^breastmnist: 1 attribute lists for 2 classes$"):
+        F.encode_attributes(info, [["a"]], tiny_backbone)
+    with pytest.raises(ValueError, match=r"^breastmnist: every class needs the same number of attributes, got "
+                                         r"\[1, 2\]$"):
+        F.encode_attributes(info, [["a"], ["b", "c"]], tiny_backbone)
+    from biovlm.prompts import attribute_text
+
+    got = F.encode_attributes(info, [["a", "b"], ["c", "d"]], tiny_backbone)
+    texts = [attribute_text(info, info.prompt_names[c], a) for c, attrs in enumerate([["a", "b"], ["c", "d"]])
+             for a in attrs]
+    torch.testing.assert_close(got, tiny_backbone.encode_texts(texts).reshape(2, 2, -1))
+
+
+def test_saved_table_is_readable_json(tmp_path):
+    table = F.ConfidenceTable("toy", ["c0", "c1"], [["é"], ["b"]], np.array([5, 9]), np.array([1, 0]),
+                              torch.tensor([[[0.5], [0.25]], [[1.0], [-1.0]]]), torch.tensor([[0.5, 0.0], [1.0, 2.0]]),
+                              3.0)
+    F.save_table(table, tmp_path / "t.json")
+    text = (tmp_path / "t.json").read_text("utf-8")
+    assert text.endswith("}\n") and "é" in text
+    assert json.loads(text) == {
+        "format": 2, "dataset": "toy", "score": "mean_softmax_vs_other_training_classes", "classes": ["c0", "c1"],
+        "attributes": [["é"], ["b"]], "logit_scale": 3.0,
+        "images": [{"index": 5, "label": 1, "attribute_cosine": [[0.5], [0.25]], "class_mean_cosine": [0.5, 0.0]},
+                   {"index": 9, "label": 0, "attribute_cosine": [[1.0], [-1.0]], "class_mean_cosine": [1.0, 2.0]}]}
+    loaded = F.load_table(tmp_path / "t.json")
+    assert loaded.pool_indices.dtype == np.int64 and loaded.pool_labels.tolist() == [1, 0]
+    assert loaded.similarity.dtype == torch.float32 and loaded.logit_scale == 3.0 and loaded.dataset == "toy"
+    assert loaded.class_names == ["c0", "c1"]
+
+
+def test_missing_table_message(tmp_path):
+    path = tmp_path / "none.json"
+    with pytest.raises(FileNotFoundError, match=f"^confidence table {re.escape(str(path))} not found; run the "
+                                                "'filter' stage$"):
+        F.load_table(path)
+    path.write_text(json.dumps({"format": 1}))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is confidence-table format 1, this code reads 2; "
+                                         "rerun the 'filter' stage$"):
+        F.load_table(path)
+
+
+def test_tables_are_utf8_whatever_the_locale(tmp_path):
+    """Attribute texts are not ASCII-only: a table written and read under a plain C (ASCII) locale is still UTF-8."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, numpy as np, torch; from biovlm import filtering as F; "
+              "t = F.ConfidenceTable('toy', ['c'], [['\\u00e9paisse']], np.array([0]), np.array([0]), "
+              "torch.zeros(1, 1, 1), torch.zeros(1, 1), 1.0); F.save_table(t, sys.argv[1]); "
+              "assert F.load_table(sys.argv[1]).attributes == [['\\u00e9paisse']]")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "t.json")], env=env, capture_output=True,
+                          text=True, cwd=Path(F.__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\"épaisse\"" in (tmp_path / "t.json").read_text("utf-8")
+    assert F.load_table(tmp_path / "t.json").attributes == [["épaisse"]]  # and here, whatever this locale is
+
+
+def test_loaded_tables_have_fixed_dtypes(tmp_path):
+    """Indices int64 and cosines float32 whatever torch's default dtype, even for a table without images."""
+    empty = F.ConfidenceTable("toy", ["c"], [["a"]], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                              torch.zeros(0, 1, 1), torch.zeros(0, 1), 1.0)
+    F.save_table(empty, tmp_path / "empty.json")
+    F.save_table(random_table(P=2, C=2, N=1), tmp_path / "two.json")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        loaded = [F.load_table(tmp_path / "empty.json"), F.load_table(tmp_path / "two.json")]
+    finally:
+        torch.set_default_dtype(default)
+    for table in loaded:
+        assert table.pool_indices.dtype == np.int64 and table.pool_labels.dtype == np.int64
+        assert table.similarity.dtype == torch.float32 and table.class_similarity.dtype == torch.float32

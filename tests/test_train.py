@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 from biovlm.data import get_dataset
 from biovlm.methods import build_method
 from biovlm.methods.base import Method
-from biovlm.train import NonFiniteLossError, dvclive_logger, fit, lr_at, predict, train_knobs
+from biovlm.train import TRAIN_DEFAULTS, NonFiniteLossError, dvclive_logger, fit, lr_at, predict, train_knobs
 
 INFO = get_dataset("bloodmnist")
 ATTRS = [[f"{w} granules", f"{w} nucleus"] for w in
@@ -251,3 +252,198 @@ def test_demo_learns_with_the_shipped_tiny_pretrained(tmp_path):
     checks = learning_checks.measure(cfg, cfg["seeds"], cfg["data"]["synthetic_seed"], tmp_path)
     print("\n".join(f"{'met' if ok else 'NOT MET'}: {check}" for check, ok in checks.items()))
     assert all(checks.values()), [check for check, ok in checks.items() if not ok]
+
+
+# ---- the loop's numbers, against a plain computation ------------------------------------------------------------
+class _Linear(Method):
+    """loss = sum(w) (+ a term equal to the batch size): every step's gradient is 1, so the update is pure SGD."""
+
+    name = "linear"
+
+    def __init__(self, backbone, info, class_ids=None):
+        super().__init__(backbone, {}, info, range(info.n_classes) if class_ids is None else class_ids)
+        self.w = nn.Parameter(torch.zeros(3))
+        self.frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
+        self.setup_args: tuple = ()
+        self.modes: list[bool] = []
+
+    def setup(self, features, labels, validation=None):
+        self.setup_args = (features, labels, validation)
+
+    def loss(self, batch):
+        self.modes.append(self.training)
+        loss = self.w.sum() + 0 * batch["plain"].sum()
+        return loss, {"loss": loss.item(), "size": float(len(batch["labels"]))}
+
+    def text_head(self, class_names, info, attributes=None):
+        return len(class_names)
+
+    def head_logits(self, head, image_features):
+        return image_features[:, :head] * 0
+
+
+def plain_sgd(lrs: list[float], steps_per_epoch: int, momentum: float, weight_decay: float) -> float:
+    """w after SGD on loss = w (gradient 1 + weight_decay * w), written out step by step (torch's formula)."""
+    w, buf = 0.0, None
+    for lr in lrs:
+        for _ in range(steps_per_epoch):
+            g = 1.0 + weight_decay * w
+            buf = g if buf is None else momentum * buf + g
+            w -= lr * buf
+    return w
+
+
+def test_history_learning_rates_and_updates_follow_the_schedule(tiny_backbone):
+    """Epoch 0 runs at warmup_lr, then the cosine; the optimizer really steps with each epoch's rate, with the
+    configured momentum and weight decay; per-epoch stats are means over images (batches of unequal size)."""
+    feats = features_for(tiny_backbone.embed_dim, shots=5)  # 40 images: batches of 16, 16, 8
+    feats.val_labels = None
+    knobs = {"epochs": 4, "lr": 0.1, "warmup_epochs": 1, "warmup_lr": 1e-3, "batch_size": 16, "momentum": 0.5,
+             "weight_decay": 0.1}
+    m = _Linear(tiny_backbone, INFO)
+    history = fit(m, feats, range(40), {"train": knobs}, seed=0)
+    lrs = [r["lr"] for r in history["epochs"]]
+    assert lrs[0] == 1e-3
+    assert lrs == [lr_at(e, train_knobs({"train": knobs})) for e in range(4)]
+    assert lrs[1:] == pytest.approx([0.1, 0.05 * (1 + math.cos(math.pi / 3)), 0.05 * (1 + math.cos(2 * math.pi / 3))])
+    expected = plain_sgd(lrs, 3, momentum=0.5, weight_decay=0.1)
+    torch.testing.assert_close(m.w.detach(), torch.full((3,), expected), rtol=1e-5, atol=1e-7)
+    assert torch.equal(m.frozen, torch.zeros(3))
+    assert [r["size"] for r in history["epochs"]] == [(16 * 16 + 16 * 16 + 8 * 8) / 40] * 4
+    assert [r["epoch"] for r in history["epochs"]] == [0, 1, 2, 3] and history["steps"] == 12
+    assert history["seconds"] > 0 and not m.training
+    with pytest.raises(ValueError, match="^fit needs at least one training position$"):
+        fit(m, feats, [], {"train": knobs}, seed=0)
+
+
+def test_two_warmup_epochs_then_cosine_over_the_rest():
+    k = train_knobs({"train": {"epochs": 6, "lr": 0.2, "warmup_epochs": 2, "warmup_lr": 0.01}})
+    assert [lr_at(e, k) for e in range(6)] == pytest.approx(
+        [0.01, 0.01, 0.2, 0.1 * (1 + math.cos(math.pi / 4)), 0.1, 0.1 * (1 + math.cos(3 * math.pi / 4))])
+    k = train_knobs({"train": {"epochs": 2, "lr": 0.2, "warmup_epochs": 2, "warmup_lr": 0.01}})
+    assert lr_at(2, k) == pytest.approx(0.2)  # no epoch left after the warm-up: the span is at least one epoch
+    assert lr_at(3, k) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_validation_uses_the_runs_own_rows_of_the_methods_classes(tiny_backbone):
+    from biovlm.train import _val_set
+
+    feats = features_for(tiny_backbone.embed_dim)  # val labels 0..7, 0..7
+    x, y = _val_set(feats, [3, 1, 0], "cpu", rows=[0, 9, 3, 12])  # labels 0, 1, 3, 4
+    assert torch.equal(x, feats.val_features[[0, 9, 3]]) and y.tolist() == [2, 1, 0]
+    x, y = _val_set(feats, [5], "cpu")
+    assert torch.equal(x, feats.val_features[[5, 13]]) and y.tolist() == [0, 0]
+    assert _val_set(feats, [5], "cpu", rows=[0, 1]) == (None, None)
+    assert _val_set(SimpleNamespace(val_features=feats.val_features, val_labels=[]), [0], "cpu") == (None, None)
+    assert _val_set(SimpleNamespace(val_labels=feats.val_labels), [0], "cpu") == (None, None)
+    assert _val_set(SimpleNamespace(val_features=feats.val_features), [0], "cpu") == (None, None)
+
+
+def test_a_feature_set_without_plain_views_is_refused(tiny_backbone):
+    feats = features_for(tiny_backbone.embed_dim)
+    del feats.pool_views["plain"]
+    with pytest.raises(ValueError, match=r"^the feature set has no 'plain' views \(has \['strong', 'weak'\]\)$"):
+        fit(_Linear(tiny_backbone, INFO), feats, range(8), {"train": {"epochs": 1}}, seed=0)
+
+
+def test_non_finite_loss_messages_name_every_bad_term():
+    from biovlm.train import _check_finite
+
+    m = SimpleNamespace(name="m")
+    _check_finite(m, torch.tensor(1.0), {"loss": float("nan")}, 0, 0)  # a finite loss passes whatever the stats
+    with pytest.raises(NonFiniteLossError, match=re.escape(
+            "m: loss term(s) 'a', 'b' became inf at epoch 2, step 7; lower train.lr or the weight of that term")):
+        _check_finite(m, torch.tensor(float("inf")), {"a": float("inf"), "acc": float("nan"), "b": float("nan"),
+                                                       "c": 1.0}, 2, 7)
+    with pytest.raises(NonFiniteLossError, match=re.escape("m: loss term(s) 'loss' became -inf at epoch 0, step 1;")):
+        _check_finite(m, torch.tensor(float("-inf")), {"acc": 0.5}, 0, 1)
+    with pytest.raises(NonFiniteLossError, match=re.escape("m: loss term(s) 'loss' became nan at epoch 0, step 1;")):
+        _check_finite(m, torch.tensor(float("inf")), {"loss": float("nan")}, 0, 1)  # the term's own value
+
+
+@pytest.mark.parametrize(("knob", "value", "message"), [
+    ("epochs", 0, "train.epochs must be a positive integer, got 0"),
+    ("epochs", True, "train.epochs must be a positive integer, got True"),
+    ("epochs", 2.0, "train.epochs must be a positive integer, got 2.0"),
+    ("eval_batch_size", 0, "train.eval_batch_size must be a positive integer, got 0"),
+    ("val_every", 0, "train.val_every must be a positive integer, got 0"),
+    ("warmup_epochs", -1, "train.warmup_epochs must be an integer >= 0, got -1"),
+    ("warmup_epochs", True, "train.warmup_epochs must be an integer >= 0, got True"),
+    ("warmup_epochs", 1.0, "train.warmup_epochs must be an integer >= 0, got 1.0"),
+    ("lr", float("nan"), "train.lr must be a number >= 0, got nan"),
+    ("lr", True, "train.lr must be a number >= 0, got True"),
+    ("lr", "0.1", "train.lr must be a number >= 0, got '0.1'"),
+    ("momentum", -0.5, "train.momentum must be a number >= 0, got -0.5"),
+    ("weight_decay", -1, "train.weight_decay must be a number >= 0, got -1"),
+    ("warmup_lr", -1e-5, "train.warmup_lr must be a number >= 0, got -1e-05"),
+])
+def test_each_bad_train_knob_is_named(knob, value, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        train_knobs({"train": {knob: value}})
+
+
+def test_train_knobs_accept_the_edges_and_list_the_valid_ones():
+    edges = {"epochs": 1, "warmup_epochs": 0, "lr": 0, "momentum": 0, "weight_decay": 0, "warmup_lr": 0}
+    assert train_knobs({"train": edges}) == {**TRAIN_DEFAULTS, **edges}
+    assert train_knobs({}) == train_knobs({"train": None}) == TRAIN_DEFAULTS
+    message = f"unknown train knob(s) ['a', 'b']; valid: {sorted(TRAIN_DEFAULTS)}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        train_knobs({"train": {"b": 1, "a": 2, "lr": 1}})
+
+
+def test_predict_restores_the_mode_and_caps_the_batch(tiny_backbone):
+    seen = []
+
+    class Head(_Linear):
+        max_predict_batch = 3
+
+        def head_logits(self, head, image_features):
+            seen.append(len(image_features))
+            return image_features[:, :head].double()
+
+    m = Head(tiny_backbone, INFO)
+    x = torch.randn(7, 8)
+    m.train()
+    probs = predict(m, x, ["a", "b", "c"], INFO, batch_size=5)
+    assert m.training and seen == [3, 3, 1] and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, x[:, :3].softmax(dim=-1))
+    m.eval()
+    seen.clear()
+    predict(m, x, ["a", "b"], INFO, batch_size=2)
+    assert not m.training and seen == [2, 2, 2, 1]
+
+
+def test_fit_hands_setup_the_shots_and_validates_every_epoch_in_train_mode(tiny_backbone):
+    feats = features_for(tiny_backbone.embed_dim)  # pool: 4 shots of each of 8 classes; val: 0..7, 0..7
+    m = _Linear(tiny_backbone, INFO, class_ids=[2, 0])  # the method's classes, in its own order
+    history = fit(m, feats, [9, 0, 1], {"train": {"epochs": 3, "batch_size": 2}}, seed=0, val_rows=[0, 2, 10, 5])
+    features, labels, (val_x, val_y) = m.setup_args
+    assert torch.equal(features, feats.pool_clean[[9, 0, 1]]) and labels.tolist() == [0, 1, 1]
+    assert torch.equal(val_x, feats.val_features[[0, 2, 10]]) and val_y.tolist() == [1, 0, 0]
+    # the head scores every class alike, so the prediction is the first class (2): right on 2 of 3 validation shots
+    assert [r["val_acc"] for r in history["epochs"]] == pytest.approx([2 / 3] * 3)
+    assert m.modes == [True] * 6 and not m.training
+    one = fit(_Linear(tiny_backbone, INFO), feats, [5], {"train": {"epochs": 1}}, seed=0)
+    assert one["steps"] == 1
+    m = _Linear(tiny_backbone, INFO)
+    fit(m, feats, [5], {"train": {"epochs": 1}}, seed=0, val_rows=[])
+    assert m.setup_args[2] is None
+
+
+def test_train_defaults_are_coops_published_schedule():
+    assert TRAIN_DEFAULTS == {"epochs": 50, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1,
+                              "warmup_lr": 1e-5, "batch_size": 32, "eval_batch_size": 1024, "val_every": 1}
+
+
+def test_autocast_is_bf16_on_cuda_and_off_on_cpu():
+    import warnings
+
+    from biovlm.train import _autocast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch warns that it disables the context
+        cuda = _autocast(torch.device("cuda"))
+    assert cuda.device == "cuda" and cuda.fast_dtype == torch.bfloat16
+    with _autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
