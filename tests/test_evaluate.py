@@ -178,3 +178,64 @@ def test_check_finite_and_load_results(tmp_path):
     pd.DataFrame({"method": ["coop"], "accuracy": [1.0]}).to_csv(tmp_path / "coop.csv", index=False)
     with pytest.raises(ValueError, match=r"lacks the columns \['setting'"):
         load_results([tmp_path / "coop.csv"])
+
+
+# ---------------------------------------------------------------------------------------------- ECE, pinned
+def reference_ece(probs, labels, n_bins: int = 15) -> float:
+    """Plain-python ECE: bin i holds confidences in (i/n, (i+1)/n]; a confidence of 0 goes to the first bin and
+    one above 1 (float round-off of a softmax) to the last."""
+    bins: list[list[tuple[float, bool]]] = [[] for _ in range(n_bins)]
+    for row, label in zip(probs, labels, strict=True):
+        row = [float(p) for p in row]
+        conf = max(row)
+        i = 0 if conf <= 0 else n_bins - 1 if conf > 1 else next(i for i in range(n_bins) if conf <= (i + 1) / n_bins)
+        bins[i].append((conf, row.index(conf) == label))
+    total = 0.0
+    for members in bins:
+        if members:
+            acc = sum(ok for _, ok in members) / len(members)
+            mean_conf = sum(c for c, _ in members) / len(members)
+            total += len(members) / len(labels) * abs(acc - mean_conf)
+    return total
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ece_equals_a_plain_15_bin_reference_on_random_predictions(seed):
+    """Default bins (15) and the percent scaling of ``classification_metrics`` against the plain reference."""
+    rng = np.random.default_rng(seed)
+    n_classes = int(rng.integers(2, 12))
+    labels = rng.integers(0, n_classes, 200)
+    # sharpened or flattened Dirichlet draws: confidences over the whole (1/C, 1] range, so every bin is used
+    probs = rng.dirichlet(np.full(n_classes, float(rng.choice([0.1, 0.5, 2.0]))), size=200)
+    expected = reference_ece(probs, labels)
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected, abs=1e-12)
+    assert classification_metrics(probs, labels)["ece"] == pytest.approx(100 * expected, abs=1e-10)
+    assert expected_calibration_error(probs, labels, n_bins=7) == pytest.approx(reference_ece(probs, labels, 7))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ece_with_confidences_exactly_at_bin_edges(seed):
+    """A confidence of exactly k/15 belongs to bin k-1 (upper edge included, lower edge excluded)."""
+    rng = np.random.default_rng(seed)
+    conf = rng.integers(1, 16, 60) / 15  # every edge 1/15 .. 15/15
+    others = rng.dirichlet(np.ones(14), size=60) * (1 - conf)[:, None]
+    others = np.minimum(others, conf[:, None])  # keep the edge value the top class (rows need not sum to 1 here)
+    probs = np.concatenate([conf[:, None], others], axis=1)
+    labels = np.where(rng.random(60) < 0.5, 0, 1)
+    assert probs.max(axis=1).tolist() == conf.tolist()
+    assert expected_calibration_error(probs, labels) == pytest.approx(reference_ece(probs, labels), abs=1e-12)
+
+
+def test_ece_bin_edges_by_hand():
+    # 8/15 sits on the upper edge of bin 7, with 0.5 (= 7.5/15): one bin, accuracy 1/2, confidence 31/60
+    probs = np.array([[8 / 15, 7 / 15], [0.5, 0.5]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(1 / 60, abs=1e-12)
+    # a confidence of 0 (all-zero row) goes to bin 0, apart from 0.1 in bin 1: 0.5 * |1 - 0| + 0.5 * |0 - 0.1|
+    probs = np.array([[0.0, 0.0], [0.1, 0.05]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.55, abs=1e-12)
+    # a confidence a hair above 1 (softmax round-off) still counts, in the last bin with 0.95: |1/2 - 0.975|
+    probs = np.array([[1 + 1e-9, 0.0], [0.95, 0.05]])
+    assert expected_calibration_error(probs, np.array([1, 0])) == pytest.approx(0.475, abs=1e-8)
+    # the percent scaling: the first case in classification_metrics
+    m = classification_metrics(np.array([[8 / 15, 7 / 15], [0.5, 0.5]]), np.array([0, 1]))
+    assert m["ece"] == pytest.approx(100 / 60, abs=1e-10)

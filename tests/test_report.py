@@ -8,7 +8,17 @@ import pytest
 
 from biovlm.data import DATASETS
 from biovlm.evaluate import RESULT_COLUMNS
-from biovlm.report import base2new_tables, fewshot_tables, pivot_table, to_latex, to_markdown, write_report
+from biovlm.report import (
+    Table,
+    _tex_escape,
+    base2new_tables,
+    crossdata_tables,
+    fewshot_tables,
+    pivot_table,
+    to_latex,
+    to_markdown,
+    write_report,
+)
 
 METHODS = ["zeroshot", "coop", "linear_probe"]
 DATASETS3 = ["pathmnist", "breastmnist", "bloodmnist"]
@@ -118,3 +128,205 @@ def test_average_row_is_mean_of_per_seed_dataset_averages(metric):
     per_seed = rows.groupby("seed")[metric].mean()
     assert t.mean.at["Average", "coop"] == pytest.approx(per_seed.mean())
     assert t.std.at["Average", "coop"] == pytest.approx(per_seed.std(ddof=0))
+
+
+# ---------------------------------------------------------------------------------------------- golden text
+def small_table() -> Table:
+    """m_1: a 80/90, b 60/40; m2: a 85.04/84.96, b 70/70; m3 only row a (no average). Means, stds by hand."""
+    values = pd.DataFrame({"row": ["a", "a", "b", "b"] * 2 + ["a", "a"],
+                           "method": ["m_1"] * 4 + ["m2"] * 4 + ["m3"] * 2, "seed": [1, 2] * 5,
+                           "value": [80.0, 90.0, 60.0, 40.0, 85.04, 84.96, 70.0, 70.0, 10.0, 10.0]})
+    table = pivot_table(values, ["a", "b"], ["m_1", "m2", "m3"], "t_x", "Acc (%) of m_1 & m2")
+    table.notes, table.marked_rows = ["note one", "note † two"], ["b"]
+    return table
+
+
+def test_markdown_golden_text_bolds_the_best_rounded_mean():
+    """a: 85.0 and 85.04 both show 85.0, so both are bold; m3 lacks row b, so it has no average."""
+    assert to_markdown(small_table()) == (
+        "**Acc (%) of m_1 & m2**\n"
+        "\n"
+        "| Dataset | m_1 | m2 | m3 |\n"
+        "|---|---:|---:|---:|\n"
+        "| a | **85.0 ± 5.0** | **85.0 ± 0.0** | 10.0 ± 0.0 |\n"
+        "| b † | 50.0 ± 10.0 | **70.0 ± 0.0** | n/a |\n"
+        "| **Average** | 67.5 ± 2.5 | **77.5 ± 0.0** | n/a |\n"
+        "\n"
+        "note one  \n"
+        "note † two\n")
+
+
+def test_latex_golden_text():
+    assert to_latex(small_table()) == (
+        "\\begin{table}[t]\n"
+        "\\centering\n"
+        "\\small\n"
+        "\\caption{Acc (\\%) of m\\_1 \\& m2}\n"
+        "\\label{tab:t_x}\n"
+        "\\begin{tabular}{lccc}\n"
+        "\\toprule\n"
+        "Dataset & m\\_1 & m2 & m3 \\\\\n"
+        "\\midrule\n"
+        "a & \\textbf{85.0 $\\pm$ 5.0} & \\textbf{85.0 $\\pm$ 0.0} & 10.0 $\\pm$ 0.0 \\\\\n"
+        "b$^\\dagger$ & 50.0 $\\pm$ 10.0 & \\textbf{70.0 $\\pm$ 0.0} & -- \\\\\n"
+        "\\midrule\n"
+        "Average & 67.5 $\\pm$ 2.5 & \\textbf{77.5 $\\pm$ 0.0} & -- \\\\\n"
+        "\\bottomrule\n"
+        "\\end{tabular}\n"
+        "\\par\\footnotesize note one note $^\\dagger$ two\n"
+        "\\end{table}\n")
+
+
+def test_latex_without_notes_and_escaping():
+    table = small_table()
+    table.notes, table.marked_rows, table.row_title = [], [], "Source / target"
+    tex = to_latex(table)
+    assert "\\footnotesize" not in tex and "$^\\dagger$" not in tex
+    assert tex.endswith("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+    assert "\nSource / target & m\\_1 & m2 & m3 \\\\\n" in tex
+    assert _tex_escape("a\\b_c%d&e") == "a\\textbackslash{}b\\_c\\%d\\&e"
+
+
+def test_lower_is_better_bolds_the_minimum_and_unbolded_tables():
+    table = small_table()
+    table.higher_is_better = False
+    lines = to_markdown(table).splitlines()
+    assert lines[4:7] == ["| a | 85.0 ± 5.0 | 85.0 ± 0.0 | **10.0 ± 0.0** |",
+                          "| b † | **50.0 ± 10.0** | 70.0 ± 0.0 | n/a |",
+                          "| **Average** | **67.5 ± 2.5** | 77.5 ± 0.0 | n/a |"]
+    assert "Average & \\textbf{67.5 $\\pm$ 2.5} & 77.5 $\\pm$ 0.0 & -- \\\\\n" in to_latex(table)
+    table.bold = False
+    assert "**" not in "".join(to_markdown(table).splitlines()[2:]).replace("**Average**", "")
+    assert "\\textbf" not in to_latex(table)
+
+
+def test_cells_without_std_and_with_an_undefined_std():
+    """show_std=False (the HM table) prints the mean alone; a NaN std prints as 0.0."""
+    mean = pd.DataFrame({"x": [58.333, 40.0], "y": [12.0, np.nan]}, index=["a", "Average"])
+    std = pd.DataFrame({"x": [np.nan, 1.25], "y": [np.nan, np.nan]}, index=["a", "Average"])
+    table = Table("hm", "HM", mean, std)
+    assert to_markdown(table).splitlines()[4:6] == ["| a | **58.3 ± 0.0** | 12.0 ± 0.0 |",
+                                                    "| **Average** | **40.0 ± 1.2** | n/a |"]
+    table.show_std = False
+    assert to_markdown(table).splitlines()[4:6] == ["| a | **58.3** | 12.0 |", "| **Average** | **40.0** | n/a |"]
+    assert "a & \\textbf{58.3} & 12.0 \\\\\n" in to_latex(table)
+
+
+def b2n_rows() -> pd.DataFrame:
+    """coop: d1 base 80/60, novel 40/60; d2 (two classes: one base class) base 90/90, novel 30/50.
+    linear_probe: base only, d1 90/90, d2 70/80."""
+    rows = []
+    for s, (b1, n1, b2, n2, lp1, lp2) in {1: (80, 40, 90, 30, 90, 70), 2: (60, 60, 90, 50, 90, 80)}.items():
+        rows += [("coop", "d1", s, "base", 3, b1), ("coop", "d1", s, "novel", 2, n1),
+                 ("coop", "d2", s, "base", 1, b2), ("coop", "d2", s, "novel", 1, n2),
+                 ("linear_probe", "d1", s, "base", 3, lp1), ("linear_probe", "d2", s, "base", 1, lp2)]
+    df = pd.DataFrame([(m, "base2new", d, d, 16, s, p, c, 50, float(a), 0.0, 0.0, 0.0) for m, d, s, p, c, a in rows],
+                      columns=list(RESULT_COLUMNS))
+    return df
+
+
+def test_base2new_tables_hand_computed_cells():
+    """HM per dataset of the seed means: d1 HM(70, 50) = 58.33, d2 HM(90, 40) = 55.38; the average row is HM of
+    the average base (80) and novel (45) = 57.6, not the mean of the dataset HMs (56.86)."""
+    base, novel, hm = base2new_tables(b2n_rows(), ["coop", "linear_probe"], ["d1", "d2"])
+    assert [t.name for t in (base, novel, hm)] == ["base2new_base", "base2new_novel", "base2new_hm"]
+    assert to_markdown(base) == (
+        "**Base-to-novel accuracy (%), base classes, 16 shots per base class**\n"
+        "\n"
+        "| Dataset | coop | linear_probe |\n"
+        "|---|---:|---:|\n"
+        "| d1 | 70.0 ± 10.0 | **90.0 ± 0.0** |\n"
+        "| d2 † | **90.0 ± 0.0** | 75.0 ± 5.0 |\n"
+        "| **Average** | 80.0 ± 5.0 | **82.5 ± 2.5** |\n"
+        "\n"
+        "† two classes: base and novel hold one class each, so accuracy is trivially 100%.\n")
+    assert to_markdown(novel) == (
+        "**Base-to-novel accuracy (%), novel classes, 16 shots per base class**\n"
+        "\n"
+        "| Dataset | coop | linear_probe |\n"
+        "|---|---:|---:|\n"
+        "| d1 | **50.0 ± 10.0** | n/a |\n"
+        "| d2 † | **40.0 ± 10.0** | n/a |\n"
+        "| **Average** | **45.0 ± 10.0** | n/a |\n"
+        "\n"
+        "† two classes: base and novel hold one class each, so accuracy is trivially 100%.  \n"
+        "n/a: the method cannot classify classes it was not trained on.\n")
+    assert to_markdown(hm) == (
+        "**Base-to-novel accuracy (%), harmonic mean, 16 shots per base class (HM of the mean base and novel "
+        "accuracies)**\n"
+        "\n"
+        "| Dataset | coop | linear_probe |\n"
+        "|---|---:|---:|\n"
+        "| d1 | **58.3** | n/a |\n"
+        "| d2 † | **55.4** | n/a |\n"
+        "| **Average** | **57.6** | n/a |\n"
+        "\n"
+        "† two classes: base and novel hold one class each, so accuracy is trivially 100%.  \n"
+        "n/a: the method cannot classify classes it was not trained on.\n")
+    assert hm.mean.at["Average", "coop"] == pytest.approx(57.6)
+    assert not hm.show_std and hm.marked_rows == ["d2"]
+
+
+def test_base2new_without_trivial_rows_or_missing_novel():
+    df = b2n_rows()
+    df = df[df.method == "coop"].assign(n_classes=3)
+    base, novel, hm = base2new_tables(df, ["coop"], ["d1", "d2"])
+    assert base.notes == novel.notes == hm.notes == [] and hm.marked_rows == []
+
+
+def crossdata_rows() -> pd.DataFrame:
+    """coop trained on each of d1, d2, d3 and tested on all three, seeds 1 and 2 (diagonal 90, 80, 70)."""
+    acc = {1: {("d1", "d2"): 30, ("d1", "d3"): 50, ("d2", "d1"): 60, ("d2", "d3"): 70, ("d3", "d1"): 20,
+               ("d3", "d2"): 40},
+           2: {("d1", "d2"): 40, ("d1", "d3"): 60, ("d2", "d1"): 60, ("d2", "d3"): 70, ("d3", "d1"): 30,
+               ("d3", "d2"): 30}}
+    rows = []
+    for s, pairs in acc.items():
+        pairs = {**pairs, ("d1", "d1"): 90, ("d2", "d2"): 80, ("d3", "d3"): 70}
+        rows += [("coop", "crossdata", src, tgt, 16, s, "all", 4, 50, float(a), 0.0, 0.0, 0.0)
+                 for (src, tgt), a in pairs.items()]
+    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+
+
+def test_crossdata_tables_transfer_means_by_hand():
+    """Transfer cell: mean over the other two targets within a seed, then over seeds: d1 (40, 50) -> 45 ± 5,
+    d2 (65, 65), d3 (30, 30); average (45, 48.33) -> 46.7 ± 1.7. The diagonal stays out of the transfer."""
+    summary, matrix = crossdata_tables(crossdata_rows(), ["coop", "linear_probe"], ["d1", "d2", "d3"])
+    assert summary.name == "crossdata_transfer" and matrix.name == "crossdata_matrix_coop"
+    assert to_markdown(summary) == (
+        "**Cross-dataset accuracy (%): trained on the row's dataset (16 shots), mean over the other datasets**\n"
+        "\n"
+        "| Dataset | coop | linear_probe |\n"
+        "|---|---:|---:|\n"
+        "| d1 | **45.0 ± 5.0** | n/a |\n"
+        "| d2 | **65.0 ± 0.0** | n/a |\n"
+        "| d3 | **30.0 ± 0.0** | n/a |\n"
+        "| **Average** | **46.7 ± 1.7** | n/a |\n"
+        "\n"
+        "n/a: linear_probe cannot classify another dataset's classes.\n")
+    assert to_markdown(matrix) == (
+        "**Cross-dataset accuracy (%) of coop: rows are sources, columns targets (diagonal: in-domain)**\n"
+        "\n"
+        "| Source / target | d1 | d2 | d3 |\n"
+        "|---|---:|---:|---:|\n"
+        "| d1 | 90.0 ± 0.0 | 35.0 ± 5.0 | 55.0 ± 5.0 |\n"
+        "| d2 | 60.0 ± 0.0 | 80.0 ± 0.0 | 70.0 ± 0.0 |\n"
+        "| d3 | 25.0 ± 5.0 | 35.0 ± 5.0 | 70.0 ± 0.0 |\n")
+    only = crossdata_tables(crossdata_rows(), ["coop"], ["d1", "d2", "d3"])
+    assert only[0].notes == []
+    assert crossdata_tables(crossdata_rows().assign(setting="fewshot"), ["coop"], ["d1"]) == []
+
+
+def test_fewshot_tables_captions_and_ece_bolds_the_lowest():
+    rows = [(m, "fewshot", "d1", "d1", k, s, "all", 3, 50, acc, acc - 10, acc + 5, ece)
+            for m, acc, ece in (("coop", 80.0, 4.0), ("zeroshot", 60.0, 9.0)) for k in (1, 16) for s in (1, 2)]
+    tables = fewshot_tables(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)), ["zeroshot", "coop"], ["d1"])
+    assert [to_markdown(t).splitlines()[0] for t in tables] == [
+        "**Few-shot accuracy (%), K = 1 (shots per class)**", "**Few-shot accuracy (%), K = 16 (shots per class)**",
+        "**Few-shot macro-F1 (%), K = 16**", "**Few-shot one-vs-rest AUC (%), K = 16**",
+        "**Few-shot ECE (15 bins) (%), K = 16**"]
+    assert to_markdown(tables[2]).splitlines()[4] == "| d1 | 50.0 ± 0.0 | **70.0 ± 0.0** |"
+    assert to_markdown(tables[4]).splitlines()[4:6] == ["| d1 | 9.0 ± 0.0 | **4.0 ± 0.0** |",
+                                                        "| **Average** | 9.0 ± 0.0 | **4.0 ± 0.0** |"]
+    assert [t.higher_is_better for t in tables] == [True, True, True, True, False]
+    assert fewshot_tables(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).assign(part="base"), ["coop"], ["d1"]) == []
