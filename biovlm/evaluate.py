@@ -148,8 +148,8 @@ def _seed_stats(frame: pd.DataFrame, metrics: Sequence[str] = METRICS) -> dict:
     return {m: s for m in metrics if (s := _mean_std(frame[m]))}
 
 
-def _average_over(frame: pd.DataFrame, by: str, metrics: Sequence[str] = METRICS) -> dict:
-    """Average over the values of ``by`` within each seed, then mean and std over seeds."""
+def _average_over(frame: pd.DataFrame, metrics: Sequence[str] = METRICS) -> dict:
+    """Average the rows of each seed (one per dataset, or per dataset pair), then mean and std over seeds."""
     per_seed = frame.groupby("seed")[list(metrics)].mean()
     return {m: s for m in metrics if (s := _mean_std(per_seed[m]))}
 
@@ -172,14 +172,14 @@ def fewshot_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
         for k in sorted(rows.shots.unique()):
             at_k = rows[rows.shots == k]
             entry = {ds: _seed_stats(at_k[at_k.target == ds]) for ds in _order(at_k.target, datasets)}
-            entry[AVERAGE] = _average_over(at_k, "target")
+            entry[AVERAGE] = _average_over(at_k)
             out[method][f"k{int(k)}"] = entry
     return out
 
 
 def _base2new_per_seed(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per (target, seed): base and novel accuracy and their harmonic mean (NaN where novel is n/a)."""
-    pivot = rows.pivot_table(index=["target", "seed"], columns="part", values="accuracy", aggfunc="mean")
+    pivot = rows.pivot_table(index=["target", "seed"], columns="part", values="accuracy")  # aggfunc: mean
     pivot = pivot.reindex(columns=["base", "novel"])
     pivot["hm"] = harmonic_mean(pivot["base"].to_numpy(), pivot["novel"].to_numpy())
     return pivot.reset_index()
@@ -206,7 +206,7 @@ def base2new_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
                      if (stats := _seed_stats(rows[(rows.target == ds) & (rows.part == part)]))}
             out[method][ds] = {**entry, **_hm_entries(entry, per_seed.loc[per_seed.target == ds, "hm"])}
         average = {part: stats for part in ("base", "novel")
-                   if (stats := _average_over(rows[rows.part == part], "target"))}
+                   if (stats := _average_over(rows[rows.part == part]))}
         out[method][AVERAGE] = {**average, **_hm_entries(average, per_seed.groupby("seed")["hm"].mean())}
     return out
 
@@ -236,13 +236,12 @@ def crossdata_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
                      for t in _order(from_source.target, datasets)}
             off = from_source[from_source.target != source]
             if not off.empty:
-                entry["off_diagonal"] = _average_over(off, "target", ["accuracy"])
+                entry["off_diagonal"] = _average_over(off, ["accuracy"])
             out[method][source] = entry
         off = rows[rows.source != rows.target]
         if not off.empty:
-            out[method][AVERAGE] = {"off_diagonal": _average_over(off, "target", ["accuracy"]),
-                                    "in_domain": _average_over(rows[rows.source == rows.target], "target",
-                                                               ["accuracy"])}
+            out[method][AVERAGE] = {"off_diagonal": _average_over(off, ["accuracy"]),
+                                    "in_domain": _average_over(rows[rows.source == rows.target], ["accuracy"])}
     return out
 
 
@@ -273,7 +272,7 @@ def fewshot_curve(df: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.
     curve.columns = ["accuracy", "std"]
     curve = curve.reset_index()
     order = {m: i for i, m in enumerate(_order(curve.method, methods))}
-    curve = curve.sort_values(["method", "shots"], key=lambda s: s.map(order) if s.name == "method" else s)
+    curve = curve.assign(rank=curve.method.map(order)).sort_values(["rank", "shots"]).drop(columns="rank")
     return curve.round(4).reset_index(drop=True)
 
 

@@ -239,3 +239,116 @@ def test_ece_bin_edges_by_hand():
     # the percent scaling: the first case in classification_metrics
     m = classification_metrics(np.array([[8 / 15, 7 / 15], [0.5, 0.5]]), np.array([0, 1]))
     assert m["ece"] == pytest.approx(100 / 60, abs=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- aggregation, pinned
+def mixed_frame() -> pd.DataFrame:
+    """All three settings in one table, as the runs write them: coop before zeroshot, pathmnist before bloodmnist
+    (the order arguments below ask for the reverse), and every setting's rows sharing method, K and datasets with
+    the others, so a setting that leaks into another changes its numbers."""
+    rows = []
+    for s in (1, 2):
+        rows += [("coop", "fewshot", "pathmnist", "pathmnist", 16, s, "all", 9, 80.0 + s),
+                 ("coop", "fewshot", "bloodmnist", "bloodmnist", 16, s, "all", 8, 60.0 + 2 * s),
+                 ("zeroshot", "fewshot", "pathmnist", "pathmnist", 16, s, "all", 9, 40.0),
+                 ("zeroshot", "fewshot", "bloodmnist", "bloodmnist", 16, s, "all", 8, 20.0),
+                 ("zeroshot", "fewshot", "pathmnist", "pathmnist", 1, s, "all", 9, 100 / 3),
+                 ("zeroshot", "fewshot", "bloodmnist", "bloodmnist", 1, s, "all", 8, 100 / 3),
+                 ("coop", "base2new", "pathmnist", "pathmnist", 16, s, "base", 5, 90.0 + s),
+                 ("coop", "base2new", "pathmnist", "pathmnist", 16, s, "novel", 4, 30.0),
+                 ("zeroshot", "base2new", "pathmnist", "pathmnist", 16, s, "base", 5, 50.0),
+                 ("zeroshot", "base2new", "pathmnist", "pathmnist", 16, s, "novel", 4, 50.0),
+                 ("coop", "crossdata", "pathmnist", "pathmnist", 16, s, "all", 9, 70.0),
+                 ("coop", "crossdata", "pathmnist", "bloodmnist", 16, s, "all", 8, 30.0 + s),
+                 ("coop", "crossdata", "bloodmnist", "bloodmnist", 16, s, "all", 8, 50.0),
+                 ("coop", "crossdata", "bloodmnist", "pathmnist", 16, s, "all", 9, 10.0 + 3 * s),
+                 ("zeroshot", "crossdata", "bloodmnist", "pathmnist", 16, s, "all", 9, 5.0)]
+    return frame(rows)
+
+
+def stats(acc: float, std: float) -> dict:
+    """The four metrics of ``frame`` rows: macro-F1 = accuracy - 1, AUC = accuracy + 1, ECE = 5 on every row."""
+    return {"accuracy": {"mean": acc, "std": std}, "macro_f1": {"mean": acc - 1, "std": std},
+            "auc": {"mean": acc + 1, "std": std}, "ece": {"mean": 5.0, "std": 0.0}}
+
+
+def test_fewshot_metrics_whole_dict_in_the_requested_order():
+    m = fewshot_metrics(mixed_frame(), ["zeroshot", "coop"], ["bloodmnist", "pathmnist"])
+    third = 33.3333  # 100/3, rounded to 4 places
+    assert m == {
+        "zeroshot": {"k1": {"bloodmnist": stats(third, 0.0), "pathmnist": stats(third, 0.0),
+                            "average": stats(third, 0.0)},
+                     "k16": {"bloodmnist": stats(20.0, 0.0), "pathmnist": stats(40.0, 0.0),
+                             "average": stats(30.0, 0.0)}},
+        # coop: pathmnist 81, 82; bloodmnist 62, 64; per seed 71.5 and 73
+        "coop": {"k16": {"bloodmnist": stats(63.0, 1.0), "pathmnist": stats(81.5, 0.5),
+                         "average": stats(72.25, 0.75)}}}
+    assert [list(x) for x in (m, m["zeroshot"], m["coop"]["k16"])] == [
+        ["zeroshot", "coop"], ["k1", "k16"], ["bloodmnist", "pathmnist", "average"]]
+
+
+def test_crossdata_metrics_whole_dict_in_the_requested_order():
+    m = crossdata_metrics(mixed_frame(), ["zeroshot", "coop"], ["bloodmnist", "pathmnist"])
+
+    def acc(mean, std):
+        return {"accuracy": {"mean": mean, "std": std}}
+
+    assert m == {
+        "zeroshot": {"bloodmnist": {"pathmnist": acc(5.0, 0.0), "off_diagonal": acc(5.0, 0.0)},
+                     "average": {"off_diagonal": acc(5.0, 0.0), "in_domain": {}}},
+        # coop off-diagonal per seed: (31 + 13) / 2 = 22 and (32 + 16) / 2 = 24
+        "coop": {"bloodmnist": {"bloodmnist": acc(50.0, 0.0), "pathmnist": acc(14.5, 1.5),
+                                "off_diagonal": acc(14.5, 1.5)},
+                 "pathmnist": {"bloodmnist": acc(31.5, 0.5), "pathmnist": acc(70.0, 0.0),
+                               "off_diagonal": acc(31.5, 0.5)},
+                 "average": {"off_diagonal": acc(23.0, 1.0), "in_domain": acc(60.0, 0.0)}}}
+    assert [list(x) for x in (m, m["coop"], m["coop"]["bloodmnist"])] == [
+        ["zeroshot", "coop"], ["bloodmnist", "pathmnist", "average"], ["bloodmnist", "pathmnist", "off_diagonal"]]
+    # a method trained on one dataset and tested on it only: no off-diagonal, no average
+    only_diagonal = crossdata_metrics(mixed_frame().query("method == 'coop' and source == target"))
+    assert only_diagonal == {"coop": {"pathmnist": {"pathmnist": acc(70.0, 0.0)},
+                                      "bloodmnist": {"bloodmnist": acc(50.0, 0.0)}}}
+
+
+def test_base2new_metrics_order_and_summary_of_the_mixed_table():
+    b2n = base2new_metrics(mixed_frame(), ["zeroshot", "coop"])
+    assert list(b2n) == ["zeroshot", "coop"]
+    assert b2n["coop"]["pathmnist"]["base"] == stats(91.5, 0.5)
+    assert b2n["coop"]["average"]["hm"] == {"mean": round(2 * 91.5 * 30 / 121.5, 4)}
+    assert b2n["zeroshot"]["pathmnist"]["hm_per_seed"] == {"mean": 50.0, "std": 0.0}
+    few = fewshot_metrics(mixed_frame())
+    summary = summary_metrics(few, b2n, crossdata_metrics(mixed_frame()))
+    assert summary == {"fewshot": {"coop": 72.25, "zeroshot": 30.0},
+                       "base2new": {"zeroshot": 50.0, "coop": round(2 * 91.5 * 30 / 121.5, 4)},
+                       "crossdata": {"coop": 23.0, "zeroshot": 5.0}}
+
+
+def test_fewshot_curve_and_crossdata_matrix_in_the_requested_order():
+    curve = fewshot_curve(mixed_frame(), ["zeroshot", "coop"])
+    assert list(curve.columns) == ["method", "shots", "accuracy", "std"] and list(curve.index) == [0, 1, 2]
+    assert curve.to_dict("records") == [{"method": "zeroshot", "shots": 1, "accuracy": 33.3333, "std": 0.0},
+                                        {"method": "zeroshot", "shots": 16, "accuracy": 30.0, "std": 0.0},
+                                        {"method": "coop", "shots": 16, "accuracy": 72.25, "std": 0.75}]
+    assert list(fewshot_curve(mixed_frame()).method) == ["coop", "zeroshot", "zeroshot"]  # as first written
+    df = mixed_frame()
+    df.loc[(df.setting == "crossdata") & (df.source == "pathmnist") & (df.target == "bloodmnist"), "accuracy"] = 100 / 7
+    matrix = crossdata_matrix(df, ["zeroshot", "coop"], ["bloodmnist", "pathmnist"])
+    assert list(matrix.columns) == ["method", "source", "target", "accuracy"] and list(matrix.index) == [0, 1, 2, 3, 4]
+    assert matrix.to_dict("records") == [
+        {"method": "zeroshot", "source": "bloodmnist", "target": "pathmnist", "accuracy": 5.0},
+        {"method": "coop", "source": "bloodmnist", "target": "bloodmnist", "accuracy": 50.0},
+        {"method": "coop", "source": "bloodmnist", "target": "pathmnist", "accuracy": 14.5},
+        {"method": "coop", "source": "pathmnist", "target": "bloodmnist", "accuracy": 14.2857},
+        {"method": "coop", "source": "pathmnist", "target": "pathmnist", "accuracy": 70.0}]
+
+
+def test_load_results_concatenates_with_a_fresh_index(tmp_path):
+    df = mixed_frame()
+    df[df.method == "coop"].to_csv(tmp_path / "coop.csv", index=False)
+    df[df.method == "zeroshot"].to_csv(tmp_path / "zeroshot.csv", index=False)
+    loaded = load_results([tmp_path / "coop.csv", str(tmp_path / "zeroshot.csv")])
+    assert list(loaded.index) == list(range(len(df)))
+    expected = pd.concat([df[df.method == "coop"], df[df.method == "zeroshot"]], ignore_index=True)
+    pd.testing.assert_frame_equal(loaded, expected, check_dtype=False)
+    with pytest.raises(ValueError, match="^no results files given$"):
+        load_results([])
