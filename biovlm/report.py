@@ -90,9 +90,7 @@ def _std(table: Table, label: str, method: str) -> float | None:
 
 
 def _best(row: pd.Series, higher: bool) -> set:
-    row = row.dropna().round(1)
-    if row.empty:
-        return set()
+    row = row.dropna().round(1)  # a row of n/a only: max() is NaN, which equals nothing, so nothing is bold
     target = row.max() if higher else row.min()
     return set(row.index[row == target])
 
@@ -177,7 +175,7 @@ def base2new_tables(df: pd.DataFrame, methods: Sequence[str], datasets: Sequence
         caption = f"Base-to-novel accuracy (%), {title}, {shots} shots per base class"
         if part == "hm":  # the published HM: of the mean base and mean novel cells above, the average row too
             base, novel = tables[0], tables[1]
-            hm = pd.DataFrame(harmonic_mean(base.mean.to_numpy(float), novel.mean.to_numpy(float)),
+            hm = pd.DataFrame(harmonic_mean(base.mean.to_numpy(), novel.mean.to_numpy()),
                               index=base.mean.index, columns=base.mean.columns)
             table = Table(f"base2new_{part}", caption + " (HM of the mean base and novel accuracies)", hm,
                           hm * np.nan, show_std=False)

@@ -132,17 +132,17 @@ def test_average_row_is_mean_of_per_seed_dataset_averages(metric):
 
 # ---------------------------------------------------------------------------------------------- golden text
 def small_table() -> Table:
-    """m_1: a 80/90, b 60/40; m2: a 85.04/84.96, b 70/70; m3 only row a (no average). Means, stds by hand."""
+    """m_1: a 80/90, b 60/40; m2: a 85.02/85.06, b 70/70; m3 only row a (no average). Means, stds by hand."""
     values = pd.DataFrame({"row": ["a", "a", "b", "b"] * 2 + ["a", "a"],
                            "method": ["m_1"] * 4 + ["m2"] * 4 + ["m3"] * 2, "seed": [1, 2] * 5,
-                           "value": [80.0, 90.0, 60.0, 40.0, 85.04, 84.96, 70.0, 70.0, 10.0, 10.0]})
+                           "value": [80.0, 90.0, 60.0, 40.0, 85.02, 85.06, 70.0, 70.0, 10.0, 10.0]})
     table = pivot_table(values, ["a", "b"], ["m_1", "m2", "m3"], "t_x", "Acc (%) of m_1 & m2")
     table.notes, table.marked_rows = ["note one", "note † two"], ["b"]
     return table
 
 
 def test_markdown_golden_text_bolds_the_best_rounded_mean():
-    """a: 85.0 and 85.04 both show 85.0, so both are bold; m3 lacks row b, so it has no average."""
+    """Row a: 85.0 and 85.04 both show as 85.0, so both are bold; m3 lacks row b, so it has no average."""
     assert to_markdown(small_table()) == (
         "**Acc (%) of m_1 & m2**\n"
         "\n"
@@ -213,13 +213,14 @@ def test_cells_without_std_and_with_an_undefined_std():
 
 
 def b2n_rows() -> pd.DataFrame:
-    """coop: d1 base 80/60, novel 40/60; d2 (two classes: one base class) base 90/90, novel 30/50.
+    """coop: d1 (three classes: two base, one novel) base 80/60, novel 40/60; d2 (two classes: one base, one
+    novel; trivial) base 90/90, novel 30/50.
     linear_probe: base only, d1 90/90, d2 70/80."""
     rows = []
     for s, (b1, n1, b2, n2, lp1, lp2) in {1: (80, 40, 90, 30, 90, 70), 2: (60, 60, 90, 50, 90, 80)}.items():
-        rows += [("coop", "d1", s, "base", 3, b1), ("coop", "d1", s, "novel", 2, n1),
+        rows += [("coop", "d1", s, "base", 2, b1), ("coop", "d1", s, "novel", 1, n1),
                  ("coop", "d2", s, "base", 1, b2), ("coop", "d2", s, "novel", 1, n2),
-                 ("linear_probe", "d1", s, "base", 3, lp1), ("linear_probe", "d2", s, "base", 1, lp2)]
+                 ("linear_probe", "d1", s, "base", 2, lp1), ("linear_probe", "d2", s, "base", 1, lp2)]
     df = pd.DataFrame([(m, "base2new", d, d, 16, s, p, c, 50, float(a), 0.0, 0.0, 0.0) for m, d, s, p, c, a in rows],
                       columns=list(RESULT_COLUMNS))
     return df
@@ -330,3 +331,46 @@ def test_fewshot_tables_captions_and_ece_bolds_the_lowest():
                                                         "| **Average** | 9.0 ± 0.0 | **4.0 ± 0.0** |"]
     assert [t.higher_is_better for t in tables] == [True, True, True, True, False]
     assert fewshot_tables(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).assign(part="base"), ["coop"], ["d1"]) == []
+
+
+def test_write_report_layout(tmp_path):
+    """The report's fixed text and the order of its sections, figures and tables; tables.tex holds the same tables."""
+    few = [(m, "fewshot", d, d, k, s, "all", 3, 50, 60.0 + s, 50.0, 70.0, 5.0)
+           for m in ("coop", "linear_probe") for d in ("d1", "d2") for k in (1, 16) for s in (1, 2)]
+    df = pd.concat([pd.DataFrame(few, columns=list(RESULT_COLUMNS)), b2n_rows(), crossdata_rows()],
+                   ignore_index=True)
+    paths = write_report(df, tmp_path / "out", ["coop", "linear_probe"], ["d1", "d2", "d3"], header="Run: test")
+    out = tmp_path / "out"
+    figures = [out / "figures" / f for f in ("fewshot_average.png", "fewshot_per_dataset.png", "base2new.png",
+                                             "crossdata_heatmap.png")]
+    assert paths[:2] == [out / "report.md", out / "tables.tex"] and sorted(paths[2:]) == sorted(figures)
+    md = (out / "report.md").read_text()
+    assert md.startswith("# biovlm benchmark report\n\nRun: test\n\n"
+                         "Cells are mean ± std over seeds, in percent; the best mean of each row is bold.\n\n"
+                         "Protocol (docs/protocol.md): each run sees only its own K shots and min(K, 4) validation "
+                         "shots per training class; ")
+    assert "HM(mean base, mean novel), as CoCoOp, BiomedCoOp and BioVLM report it.\n\n## Few-shot\n\n![" in md
+    outline = [line for line in md.splitlines() if line.startswith(("## ", "![", "**Few", "**Base", "**Cross"))]
+    assert outline == [
+        "## Few-shot", "![fewshot_average](figures/fewshot_average.png)",
+        "![fewshot_per_dataset](figures/fewshot_per_dataset.png)",
+        "**Few-shot accuracy (%), K = 1 (shots per class)**", "**Few-shot accuracy (%), K = 16 (shots per class)**",
+        "**Few-shot macro-F1 (%), K = 16**", "**Few-shot one-vs-rest AUC (%), K = 16**",
+        "**Few-shot ECE (15 bins) (%), K = 16**",
+        "## Base-to-novel", "![base2new](figures/base2new.png)",
+        "**Base-to-novel accuracy (%), base classes, 16 shots per base class**",
+        "**Base-to-novel accuracy (%), novel classes, 16 shots per base class**",
+        "**Base-to-novel accuracy (%), harmonic mean, 16 shots per base class (HM of the mean base and novel "
+        "accuracies)**",
+        "## Cross-dataset", "![crossdata_heatmap](figures/crossdata_heatmap.png)",
+        "**Cross-dataset accuracy (%): trained on the row's dataset (16 shots), mean over the other datasets**",
+        "**Cross-dataset accuracy (%) of coop: rows are sources, columns targets (diagonal: in-domain)**"]
+    # each table as to_markdown writes it (ending in a newline), then a blank line; the file ends with one newline
+    assert ("| **Average** | **46.7 ± 1.7** | n/a |\n\nn/a: linear_probe cannot classify another dataset's classes."
+            "\n\n\n**Cross-dataset accuracy (%) of coop") in md
+    assert "n/a: the method cannot classify classes it was not trained on.\n\n\n**Base-to-novel" in md
+    assert md.endswith("| d3 | 25.0 ± 5.0 | 35.0 ± 5.0 | 70.0 ± 0.0 |\n")
+    tex = (out / "tables.tex").read_text()
+    assert tex.startswith("% biovlm benchmark tables (generated by `dvc repro report`); needs "
+                          "\\usepackage{booktabs}\n\n\\begin{table}[t]\n")
+    assert tex.count("\\end{table}\n\n\n\\begin{table}[t]\n") == 5 + 3 + 2 - 1 and tex.endswith("\\end{table}\n")
