@@ -68,7 +68,7 @@ def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
 def one_vs_rest_auc(probs: np.ndarray, labels: np.ndarray) -> float:
     """Macro one-vs-rest ROC AUC over the classes present in ``labels`` (binary: AUC of class 1); NaN if
     fewer than two classes are present."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    probs, labels = np.asarray(probs), np.asarray(labels)
     present = np.unique(labels)
     if len(present) < 2:
         return float("nan")
@@ -81,17 +81,16 @@ def macro_f1(labels: np.ndarray, pred: np.ndarray) -> float:
     """F1 averaged over the classes present in the labels or the predictions, 0 for a class never predicted
     correctly (``sklearn.metrics.f1_score(average="macro", zero_division=0)``)."""
     classes = np.union1d(labels, pred)
-    tp = np.array([np.sum((pred == c) & (labels == c)) for c in classes], dtype=np.float64)
-    predicted = np.array([np.sum(pred == c) for c in classes], dtype=np.float64)
-    actual = np.array([np.sum(labels == c) for c in classes], dtype=np.float64)
-    denom = predicted + actual
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float(f1.mean())
+    tp = np.array([np.sum((pred == c) & (labels == c)) for c in classes])
+    predicted = np.array([np.sum(pred == c) for c in classes])
+    actual = np.array([np.sum(labels == c) for c in classes])
+    # every class occurs in the labels or the predictions: predicted + actual > 0
+    return float((2 * tp / (predicted + actual)).mean())
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """accuracy, macro_f1, auc, ece (percent) and n for class probabilities ``[N, C]`` and labels ``[N]``."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels).reshape(-1)
+    probs, labels = np.asarray(probs), np.asarray(labels).reshape(-1)  # the metrics below compute in float64
     if probs.ndim != 2 or len(probs) != len(labels):
         raise ValueError(f"probs must be [N, C] with one row per label; got {probs.shape} for {labels.shape} labels")
     if len(labels) == 0:
@@ -112,7 +111,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
 def harmonic_mean(a: float | np.ndarray, b: float | np.ndarray) -> float | np.ndarray:
     """2ab / (a + b), 0 where both are 0, NaN where either is NaN."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore"):  # 0/0 where both are 0 (accuracies are >= 0: no x/0 with x != 0)
         hm = np.where(a + b > 0, 2 * a * b / (a + b), 0.0)
     hm = np.where(np.isnan(a) | np.isnan(b), np.nan, hm)
     return float(hm) if hm.ndim == 0 else hm
@@ -293,5 +292,5 @@ def check_finite(obj, where: str = "") -> None:
     if isinstance(obj, dict):
         for k, v in obj.items():
             check_finite(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and not math.isfinite(obj):
+    elif isinstance(obj, (int, float)) and not math.isfinite(obj):
         raise ValueError(f"metric {where} is {obj}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -352,3 +354,79 @@ def test_load_results_concatenates_with_a_fresh_index(tmp_path):
     pd.testing.assert_frame_equal(loaded, expected, check_dtype=False)
     with pytest.raises(ValueError, match="^no results files given$"):
         load_results([])
+
+
+# ---------------------------------------------------------------------------------------------- edge cases, pinned
+def test_ece_of_float32_probabilities_is_computed_in_float64():
+    """Softmax outputs arrive as float32: the bins and means are taken in float64, as the reference does."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(5, 0.3), size=300).astype(np.float32)
+    labels = rng.integers(0, 5, 300)
+    assert expected_calibration_error(probs, labels) == pytest.approx(reference_ece(probs, labels), abs=1e-13)
+
+
+def test_binary_auc_edges():
+    # one positive above both negatives: 1; a 0/1 list is read as booleans, not as indices
+    assert binary_auc(np.array([True, False, False]), np.array([0.9, 0.1, 0.5])) == 1.0
+    assert binary_auc([0, 1, 1], [0.9, 0.1, 0.5]) == 0.0
+    assert binary_auc([1, 0, 0, 1], [0.3, 0.3, 0.1, 0.8]) == pytest.approx(roc_auc_score([1, 0, 0, 1],
+                                                                                         [0.3, 0.3, 0.1, 0.8]))
+    with warnings.catch_warnings():  # a single class is undefined (NaN) without a 0/0 warning
+        warnings.simplefilter("error")
+        assert math.isnan(binary_auc(np.ones(4, dtype=bool), np.arange(4.0)))
+        assert math.isnan(binary_auc(np.zeros(4, dtype=bool), np.arange(4.0)))
+
+
+def test_two_class_auc_is_that_of_class_1_even_for_unnormalised_scores():
+    labels = np.array([0, 0, 1, 1, 0])
+    scores = np.array([[0.9, 0.8], [0.1, 0.2], [0.6, 0.7], [0.2, 0.9], [0.3, 0.5]])
+    assert one_vs_rest_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores[:, 1]))  # 5/6
+    assert one_vs_rest_auc(scores, labels) != pytest.approx(
+        (roc_auc_score(labels, scores[:, 1]) + roc_auc_score(labels == 0, scores[:, 0])) / 2)
+
+
+def test_classification_metrics_refuses_malformed_input_with_its_message():
+    probs = np.full((4, 3), 1 / 3)
+    with pytest.raises(ValueError, match=re.escape("probs must be [N, C] with one row per label; got (4,) for (4,) "
+                                                   "labels")):
+        classification_metrics(np.full(4, 0.5), np.zeros(4, dtype=int))
+    with pytest.raises(ValueError, match=re.escape("probs must be [N, C] with one row per label; got (4, 3) for "
+                                                   "(3,) labels")):
+        classification_metrics(probs, np.zeros(3, dtype=int))
+    with pytest.raises(ValueError, match="^cannot score an empty test set$"):
+        classification_metrics(np.zeros((0, 3)), np.zeros(0, dtype=int))
+    with pytest.raises(ValueError, match=re.escape("labels must lie in 0..2 (one column per class), got -1..2")):
+        classification_metrics(probs, np.array([0, -1, 2, 1]))
+    with pytest.raises(ValueError, match=re.escape("labels must lie in 0..2 (one column per class), got 0..3")):
+        classification_metrics(probs, np.array([0, 3, 2, 1]))
+    # labels 0 and C - 1 are fine; a column vector of labels is flattened
+    m = classification_metrics(np.eye(3)[[0, 2, 2]], np.array([[0], [2], [1]]))
+    assert m == {"accuracy": pytest.approx(200 / 3), "macro_f1": pytest.approx(100 * (1 + 0 + 2 / 3) / 3),
+                 "auc": pytest.approx(100 * (1 + 0.5 + 0.75) / 3), "ece": pytest.approx(100 / 3), "n": 3}
+
+
+def test_harmonic_mean_small_values_types_and_no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert harmonic_mean(0.3, 0.6) == pytest.approx(0.4)  # a + b below 1 is still a harmonic mean
+        assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(0.0, 50.0) == 0.0
+        out = harmonic_mean(np.array([80.0, 0.0, np.nan]), np.array([60.0, 0.0, 10.0]))
+    assert type(harmonic_mean(80.0, 60.0)) is float and isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, [2 * 80 * 60 / 140, 0.0, np.nan])
+    assert isinstance(harmonic_mean(np.array([1.0]), np.array([1.0])), np.ndarray)
+
+
+def test_load_results_and_check_finite_messages(tmp_path):
+    missing = tmp_path / "coop.csv"
+    message = f"results file {missing} not found; run its train stage (dvc repro)"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        load_results([missing])
+    pd.DataFrame({"method": ["coop"], "accuracy": [1.0]}).to_csv(missing, index=False)
+    cols = [c for c in RESULT_COLUMNS if c not in ("method", "accuracy")]
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{missing} lacks the columns {cols}; rerun its train stage')}"):
+        load_results([missing])
+    with pytest.raises(ValueError, match=r"^metric a.b.c is inf$"):
+        check_finite({"a": {"b": {"c": float("inf")}}, "d": 1})
+    with pytest.raises(ValueError, match=r"^metric  is -inf$"):
+        check_finite(float("-inf"))
+    check_finite({"a": 1, "b": {"c": 2.5, "d": True}, "e": "text"})
