@@ -254,7 +254,7 @@ def summary_metrics(fewshot: dict, base2new: dict, crossdata: dict) -> dict:
             if "accuracy" in per_k[top][AVERAGE]:
                 out["fewshot"][method] = per_k[top][AVERAGE]["accuracy"]["mean"]
     for method, entry in base2new.items():
-        if "hm" in entry.get(AVERAGE, {}):
+        if "hm" in entry[AVERAGE]:  # base2new_metrics writes an average entry for every method
             out["base2new"][method] = entry[AVERAGE]["hm"]["mean"]
     for method, entry in crossdata.items():
         if AVERAGE in entry:

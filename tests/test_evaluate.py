@@ -142,6 +142,8 @@ def test_average_harmonic_mean_is_that_of_the_reported_average_base_and_novel():
     for (ds, s), (b, n) in acc.items():
         rows += [("coop", "base2new", ds, ds, 16, s, "base", 5, b), ("coop", "base2new", ds, ds, 16, s, "novel", 4, n)]
     avg = base2new_metrics(frame(rows))["coop"]["average"]
+    assert list(base2new_metrics(frame(rows), datasets=["bloodmnist", "pathmnist"])["coop"]) == [
+        "bloodmnist", "pathmnist", "average"]
     a, b = avg["base"]["accuracy"]["mean"], avg["novel"]["accuracy"]["mean"]
     assert (a, b) == (70.0, 50.0)
     assert avg["hm"]["mean"] == pytest.approx(2 * a * b / (a + b), abs=1e-4)  # 58.33
@@ -306,6 +308,7 @@ def test_crossdata_metrics_whole_dict_in_the_requested_order():
                  "average": {"off_diagonal": acc(23.0, 1.0), "in_domain": acc(60.0, 0.0)}}}
     assert [list(x) for x in (m, m["coop"], m["coop"]["bloodmnist"])] == [
         ["zeroshot", "coop"], ["bloodmnist", "pathmnist", "average"], ["bloodmnist", "pathmnist", "off_diagonal"]]
+    assert list(m["coop"]["pathmnist"]) == ["bloodmnist", "pathmnist", "off_diagonal"]  # written the other way
     # a method trained on one dataset and tested on it only: no off-diagonal, no average
     only_diagonal = crossdata_metrics(mixed_frame().query("method == 'coop' and source == target"))
     assert only_diagonal == {"coop": {"pathmnist": {"pathmnist": acc(70.0, 0.0)},
@@ -414,6 +417,9 @@ def test_harmonic_mean_small_values_types_and_no_warnings():
     assert type(harmonic_mean(80.0, 60.0)) is float and isinstance(out, np.ndarray)
     np.testing.assert_allclose(out, [2 * 80 * 60 / 140, 0.0, np.nan])
     assert isinstance(harmonic_mean(np.array([1.0]), np.array([1.0])), np.ndarray)
+    # a missing value given as None (an object column) counts as NaN, on either side
+    np.testing.assert_allclose(harmonic_mean([80.0, None], [60.0, 50.0]), [2 * 80 * 60 / 140, np.nan])
+    np.testing.assert_allclose(harmonic_mean([80.0, 50.0], [60.0, None]), [2 * 80 * 60 / 140, np.nan])
 
 
 def test_load_results_and_check_finite_messages(tmp_path):
