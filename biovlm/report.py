@@ -62,7 +62,7 @@ def ordered(values, preferred: Sequence | None) -> list:
 def pivot_table(values: pd.DataFrame, rows: Sequence[str], methods: Sequence[str], name: str, caption: str,
                 higher_is_better: bool = True) -> Table:
     """``values`` has columns (row, method, seed, value): one number per seed. Adds the Average row."""
-    values = values.dropna(subset=["value"])
+    values = values[values.value.notna()]
     grouped = values.groupby(["row", "method"])["value"]
     mean = grouped.mean().unstack("method").reindex(index=list(rows), columns=list(methods))
     std = grouped.std(ddof=0).unstack("method").reindex(index=list(rows), columns=list(methods))

@@ -119,6 +119,8 @@ def test_report_of_a_partial_run(tmp_path):
     write_report(df, tmp_path, METHODS, DATASETS3)
     md = (tmp_path / "report.md").read_text()
     assert "## Few-shot" in md and "Base-to-novel" not in md and "Cross-dataset" not in md
+    write_report(df, tmp_path, METHODS, DATASETS3)  # a rerun writes over the last report
+    assert (tmp_path / "report.md").read_text() == md
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "ece"])
