@@ -60,7 +60,7 @@ def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
     if n_pos == 0 or n_neg == 0:
-        return float("nan")
+        return math.nan
     ranks = rankdata(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -71,7 +71,7 @@ def one_vs_rest_auc(probs: np.ndarray, labels: np.ndarray) -> float:
     probs, labels = np.asarray(probs), np.asarray(labels)
     present = np.unique(labels)
     if len(present) < 2:
-        return float("nan")
+        return math.nan
     if probs.shape[1] == 2:
         return binary_auc(labels == 1, probs[:, 1])
     return float(np.mean([binary_auc(labels == c, probs[:, c]) for c in present]))
@@ -90,7 +90,7 @@ def macro_f1(labels: np.ndarray, pred: np.ndarray) -> float:
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """accuracy, macro_f1, auc, ece (percent) and n for class probabilities ``[N, C]`` and labels ``[N]``."""
-    probs, labels = np.asarray(probs), np.asarray(labels).reshape(-1)  # the metrics below compute in float64
+    probs, labels = np.asarray(probs), np.asarray(labels).ravel()  # the metrics below compute in float64
     if probs.ndim != 2 or len(probs) != len(labels):
         raise ValueError(f"probs must be [N, C] with one row per label; got {probs.shape} for {labels.shape} labels")
     if len(labels) == 0:

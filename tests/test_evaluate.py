@@ -436,3 +436,10 @@ def test_load_results_and_check_finite_messages(tmp_path):
     with pytest.raises(ValueError, match=r"^metric  is -inf$"):
         check_finite(float("-inf"))
     check_finite({"a": 1, "b": {"c": 2.5, "d": True}, "e": "text"})
+
+
+def test_seed_std_keeps_four_decimals():
+    """Three seeds 10, 20, 20: mean 16.6667, population std 4.714 (4.71405 before rounding)."""
+    df = frame([("coop", "fewshot", "pathmnist", "pathmnist", 16, s, "all", 3, a) for s, a in ((1, 10.0), (2, 20.0),
+                                                                                             (3, 20.0))])
+    assert fewshot_metrics(df)["coop"]["k16"]["pathmnist"]["accuracy"] == {"mean": 16.6667, "std": 4.714}

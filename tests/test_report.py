@@ -60,6 +60,9 @@ def test_pivot_table_mean_std_and_average_row():
     assert t.mean.at["a", "x"] == 85.0 and t.std.at["a", "x"] == 5.0
     assert t.mean.at["Average", "x"] == 67.5 and t.std.at["Average", "x"] == 2.5
     assert np.isnan(t.mean.at["Average", "y"])  # y lacks row b: no average over a subset
+    t2 = pivot_table(values, ["c", "b", "a"], ["y", "x"], "t", "caption")  # c: no values at all
+    assert list(t2.mean.index) == list(t2.std.index) == ["c", "b", "a", "Average"]
+    assert list(t2.mean.columns) == ["y", "x"] and t2.mean["x"].isna().tolist() == [True, False, False, True]
     md = to_markdown(t)
     assert "| a | **85.0 ± 5.0** | 10.0 ± 0.0 |" in md and "| b | **50.0 ± 10.0** | n/a |" in md
     assert "| **Average** | **67.5 ± 2.5** | n/a |" in md
@@ -123,6 +126,9 @@ def test_report_of_a_partial_run(tmp_path):
     assert "## Few-shot" in md and "Base-to-novel" not in md and "Cross-dataset" not in md
     write_report(df, tmp_path, METHODS, DATASETS3)  # a rerun writes over the last report
     assert (tmp_path / "report.md").read_text() == md
+    write_report(results().query("setting != 'base2new'"), tmp_path, METHODS, DATASETS3)  # a middle one missing
+    md = (tmp_path / "report.md").read_text()
+    assert "## Few-shot" in md and "## Base-to-novel" not in md and "## Cross-dataset" in md
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "ece"])
@@ -206,13 +212,13 @@ def test_lower_is_better_bolds_the_minimum_and_unbolded_tables():
 
 
 def test_cells_without_std_and_with_an_undefined_std():
-    """show_std=False (the HM table) prints the mean alone; a NaN std prints as 0.0."""
+    """No std (the HM table) prints the mean alone; a NaN std prints as 0.0."""
     mean = pd.DataFrame({"x": [58.333, 40.0], "y": [12.0, np.nan]}, index=["a", "Average"])
     std = pd.DataFrame({"x": [np.nan, 1.25], "y": [np.nan, np.nan]}, index=["a", "Average"])
     table = Table("hm", "HM", mean, std)
     assert to_markdown(table).splitlines()[4:6] == ["| a | **58.3 ± 0.0** | 12.0 ± 0.0 |",
                                                     "| **Average** | **40.0 ± 1.2** | n/a |"]
-    table.show_std = False
+    table.std = None
     assert to_markdown(table).splitlines()[4:6] == ["| a | **58.3** | 12.0 |", "| **Average** | **40.0** | n/a |"]
     assert "a & \\textbf{58.3} & 12.0 \\\\\n" in to_latex(table)
 
@@ -270,7 +276,7 @@ def test_base2new_tables_hand_computed_cells():
         "† two classes: base and novel hold one class each, so accuracy is trivially 100%.  \n"
         "n/a: the method cannot classify classes it was not trained on.\n")
     assert hm.mean.at["Average", "coop"] == pytest.approx(57.6)
-    assert not hm.show_std and hm.marked_rows == ["d2"]
+    assert hm.std is None and hm.marked_rows == ["d2"]
 
 
 def test_base2new_without_trivial_rows_or_missing_novel():
@@ -278,6 +284,17 @@ def test_base2new_without_trivial_rows_or_missing_novel():
     df = df[df.method == "coop"].assign(n_classes=3)
     base, novel, hm = base2new_tables(df, ["coop"], ["d1", "d2"])
     assert base.notes == novel.notes == hm.notes == [] and hm.marked_rows == []
+    # a method without base-to-novel runs: n/a everywhere, but the base table never blames unseen classes
+    base, novel, hm = base2new_tables(df, ["coop", "zeroshot"], ["d1", "d2"])
+    assert base.mean["zeroshot"].isna().all() and base.notes == []
+    assert novel.notes == hm.notes == ["n/a: the method cannot classify classes it was not trained on."]
+
+
+def test_base2new_tables_of_the_linear_probe_alone():
+    """No novel rows at all: the novel and HM tables are n/a throughout."""
+    base, novel, hm = base2new_tables(b2n_rows().query("method == 'linear_probe'"), ["linear_probe"], ["d1", "d2"])
+    assert base.mean["linear_probe"].tolist() == [90.0, 75.0, 82.5]
+    assert novel.mean["linear_probe"].isna().all() and hm.mean["linear_probe"].isna().all()
 
 
 def crossdata_rows() -> pd.DataFrame:
@@ -321,20 +338,29 @@ def test_crossdata_tables_transfer_means_by_hand():
     only = crossdata_tables(crossdata_rows(), ["coop"], ["d1", "d2", "d3"])
     assert only[0].notes == []
     assert crossdata_tables(crossdata_rows().assign(setting="fewshot"), ["coop"], ["d1"]) == []
+    two = pd.concat([crossdata_rows().assign(method="zeroshot"), crossdata_rows()], ignore_index=True)
+    tables = crossdata_tables(two, ["coop", "linear_probe", "zeroshot", "clip_adapter"], ["d3", "d1", "d2"])
+    assert [t.name for t in tables] == ["crossdata_transfer", "crossdata_matrix_coop", "crossdata_matrix_zeroshot"]
+    assert tables[0].notes == ["n/a: linear_probe, clip_adapter cannot classify another dataset's classes."]
+    assert list(tables[0].mean.index) == ["d3", "d1", "d2", "Average"]
+    assert list(tables[1].mean.index) == list(tables[1].mean.columns) == ["d3", "d1", "d2"]
 
 
 def test_fewshot_tables_captions_and_ece_bolds_the_lowest():
-    rows = [(m, "fewshot", "d1", "d1", k, s, "all", 3, 50, acc, acc - 10, acc + 5, ece)
-            for m, acc, ece in (("coop", 80.0, 4.0), ("zeroshot", 60.0, 9.0)) for k in (1, 16) for s in (1, 2)]
+    rows = [(m, "fewshot", "d1", "d1", k, s, "all", 3, 50, acc + k, acc - 10 + k, acc + 5 + k, ece - k / 16)
+            for m, acc, ece in (("coop", 64.0, 5.0), ("zeroshot", 44.0, 10.0)) for k in (1, 4, 16) for s in (1, 2)]
     tables = fewshot_tables(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)), ["zeroshot", "coop"], ["d1"])
     assert [to_markdown(t).splitlines()[0] for t in tables] == [
-        "**Few-shot accuracy (%), K = 1 (shots per class)**", "**Few-shot accuracy (%), K = 16 (shots per class)**",
-        "**Few-shot macro-F1 (%), K = 16**", "**Few-shot one-vs-rest AUC (%), K = 16**",
-        "**Few-shot ECE (15 bins) (%), K = 16**"]
-    assert to_markdown(tables[2]).splitlines()[4] == "| d1 | 50.0 ± 0.0 | **70.0 ± 0.0** |"
-    assert to_markdown(tables[4]).splitlines()[4:6] == ["| d1 | 9.0 ± 0.0 | **4.0 ± 0.0** |",
+        "**Few-shot accuracy (%), K = 1 (shots per class)**", "**Few-shot accuracy (%), K = 4 (shots per class)**",
+        "**Few-shot accuracy (%), K = 16 (shots per class)**", "**Few-shot macro-F1 (%), K = 16**",
+        "**Few-shot one-vs-rest AUC (%), K = 16**", "**Few-shot ECE (15 bins) (%), K = 16**"]
+    assert [t.name for t in tables] == ["fewshot_k1_accuracy", "fewshot_k4_accuracy", "fewshot_k16_accuracy",
+                                        "fewshot_k16_macro_f1", "fewshot_k16_auc", "fewshot_k16_ece"]
+    assert to_markdown(tables[1]).splitlines()[4] == "| d1 | 48.0 ± 0.0 | **68.0 ± 0.0** |"
+    assert to_markdown(tables[3]).splitlines()[4] == "| d1 | 50.0 ± 0.0 | **70.0 ± 0.0** |"
+    assert to_markdown(tables[5]).splitlines()[4:6] == ["| d1 | 9.0 ± 0.0 | **4.0 ± 0.0** |",
                                                         "| **Average** | 9.0 ± 0.0 | **4.0 ± 0.0** |"]
-    assert [t.higher_is_better for t in tables] == [True, True, True, True, False]
+    assert [t.higher_is_better for t in tables] == [True, True, True, True, True, False]
     assert fewshot_tables(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).assign(part="base"), ["coop"], ["d1"]) == []
 
 
@@ -376,6 +402,7 @@ def test_write_report_layout(tmp_path):
     assert ("| **Average** | n/a | **46.7 ± 1.7** |\n\nn/a: linear_probe cannot classify another dataset's classes."
             "\n\n\n**Cross-dataset accuracy (%) of coop") in md
     assert "n/a: the method cannot classify classes it was not trained on.\n\n\n**Base-to-novel" in md
+    assert "![crossdata_heatmap](figures/crossdata_heatmap.png)\n\n**Cross-dataset accuracy (%): trained" in md
     assert "| Dataset | linear_probe | coop |\n" in md and "| Source / target | d2 | d1 | d3 |\n" in md
     assert md.endswith("| d3 | 35.0 ± 5.0 | 25.0 ± 5.0 | 70.0 ± 0.0 |\n")
     tex = (out / "tables.tex").read_text()
