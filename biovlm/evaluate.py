@@ -60,7 +60,7 @@ def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
     if n_pos == 0 or n_neg == 0:
-        return float("nan")
+        return math.nan
     ranks = rankdata(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -68,10 +68,10 @@ def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
 def one_vs_rest_auc(probs: np.ndarray, labels: np.ndarray) -> float:
     """Macro one-vs-rest ROC AUC over the classes present in ``labels`` (binary: AUC of class 1); NaN if
     fewer than two classes are present."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    probs, labels = np.asarray(probs), np.asarray(labels)
     present = np.unique(labels)
     if len(present) < 2:
-        return float("nan")
+        return math.nan
     if probs.shape[1] == 2:
         return binary_auc(labels == 1, probs[:, 1])
     return float(np.mean([binary_auc(labels == c, probs[:, c]) for c in present]))
@@ -81,17 +81,16 @@ def macro_f1(labels: np.ndarray, pred: np.ndarray) -> float:
     """F1 averaged over the classes present in the labels or the predictions, 0 for a class never predicted
     correctly (``sklearn.metrics.f1_score(average="macro", zero_division=0)``)."""
     classes = np.union1d(labels, pred)
-    tp = np.array([np.sum((pred == c) & (labels == c)) for c in classes], dtype=np.float64)
-    predicted = np.array([np.sum(pred == c) for c in classes], dtype=np.float64)
-    actual = np.array([np.sum(labels == c) for c in classes], dtype=np.float64)
-    denom = predicted + actual
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float(f1.mean())
+    tp = np.array([np.sum((pred == c) & (labels == c)) for c in classes])
+    predicted = np.array([np.sum(pred == c) for c in classes])
+    actual = np.array([np.sum(labels == c) for c in classes])
+    # every class occurs in the labels or the predictions: predicted + actual > 0
+    return float((2 * tp / (predicted + actual)).mean())
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """accuracy, macro_f1, auc, ece (percent) and n for class probabilities ``[N, C]`` and labels ``[N]``."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels).reshape(-1)
+    probs, labels = np.asarray(probs), np.asarray(labels).ravel()  # the metrics below compute in float64
     if probs.ndim != 2 or len(probs) != len(labels):
         raise ValueError(f"probs must be [N, C] with one row per label; got {probs.shape} for {labels.shape} labels")
     if len(labels) == 0:
@@ -112,7 +111,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
 def harmonic_mean(a: float | np.ndarray, b: float | np.ndarray) -> float | np.ndarray:
     """2ab / (a + b), 0 where both are 0, NaN where either is NaN."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore"):  # 0/0 where both are 0 (accuracies are >= 0: no x/0 with x != 0)
         hm = np.where(a + b > 0, 2 * a * b / (a + b), 0.0)
     hm = np.where(np.isnan(a) | np.isnan(b), np.nan, hm)
     return float(hm) if hm.ndim == 0 else hm
@@ -148,8 +147,8 @@ def _seed_stats(frame: pd.DataFrame, metrics: Sequence[str] = METRICS) -> dict:
     return {m: s for m in metrics if (s := _mean_std(frame[m]))}
 
 
-def _average_over(frame: pd.DataFrame, by: str, metrics: Sequence[str] = METRICS) -> dict:
-    """Average over the values of ``by`` within each seed, then mean and std over seeds."""
+def _average_over(frame: pd.DataFrame, metrics: Sequence[str] = METRICS) -> dict:
+    """Average the rows of each seed (one per dataset, or per dataset pair), then mean and std over seeds."""
     per_seed = frame.groupby("seed")[list(metrics)].mean()
     return {m: s for m in metrics if (s := _mean_std(per_seed[m]))}
 
@@ -172,14 +171,14 @@ def fewshot_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
         for k in sorted(rows.shots.unique()):
             at_k = rows[rows.shots == k]
             entry = {ds: _seed_stats(at_k[at_k.target == ds]) for ds in _order(at_k.target, datasets)}
-            entry[AVERAGE] = _average_over(at_k, "target")
+            entry[AVERAGE] = _average_over(at_k)
             out[method][f"k{int(k)}"] = entry
     return out
 
 
 def _base2new_per_seed(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per (target, seed): base and novel accuracy and their harmonic mean (NaN where novel is n/a)."""
-    pivot = rows.pivot_table(index=["target", "seed"], columns="part", values="accuracy", aggfunc="mean")
+    pivot = rows.pivot_table(index=["target", "seed"], columns="part", values="accuracy")  # aggfunc: mean
     pivot = pivot.reindex(columns=["base", "novel"])
     pivot["hm"] = harmonic_mean(pivot["base"].to_numpy(), pivot["novel"].to_numpy())
     return pivot.reset_index()
@@ -206,7 +205,7 @@ def base2new_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
                      if (stats := _seed_stats(rows[(rows.target == ds) & (rows.part == part)]))}
             out[method][ds] = {**entry, **_hm_entries(entry, per_seed.loc[per_seed.target == ds, "hm"])}
         average = {part: stats for part in ("base", "novel")
-                   if (stats := _average_over(rows[rows.part == part], "target"))}
+                   if (stats := _average_over(rows[rows.part == part]))}
         out[method][AVERAGE] = {**average, **_hm_entries(average, per_seed.groupby("seed")["hm"].mean())}
     return out
 
@@ -236,13 +235,12 @@ def crossdata_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
                      for t in _order(from_source.target, datasets)}
             off = from_source[from_source.target != source]
             if not off.empty:
-                entry["off_diagonal"] = _average_over(off, "target", ["accuracy"])
+                entry["off_diagonal"] = _average_over(off, ["accuracy"])
             out[method][source] = entry
         off = rows[rows.source != rows.target]
         if not off.empty:
-            out[method][AVERAGE] = {"off_diagonal": _average_over(off, "target", ["accuracy"]),
-                                    "in_domain": _average_over(rows[rows.source == rows.target], "target",
-                                                               ["accuracy"])}
+            out[method][AVERAGE] = {"off_diagonal": _average_over(off, ["accuracy"]),
+                                    "in_domain": _average_over(rows[rows.source == rows.target], ["accuracy"])}
     return out
 
 
@@ -256,7 +254,7 @@ def summary_metrics(fewshot: dict, base2new: dict, crossdata: dict) -> dict:
             if "accuracy" in per_k[top][AVERAGE]:
                 out["fewshot"][method] = per_k[top][AVERAGE]["accuracy"]["mean"]
     for method, entry in base2new.items():
-        if "hm" in entry.get(AVERAGE, {}):
+        if "hm" in entry[AVERAGE]:  # base2new_metrics writes an average entry for every method
             out["base2new"][method] = entry[AVERAGE]["hm"]["mean"]
     for method, entry in crossdata.items():
         if AVERAGE in entry:
@@ -273,7 +271,7 @@ def fewshot_curve(df: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.
     curve.columns = ["accuracy", "std"]
     curve = curve.reset_index()
     order = {m: i for i, m in enumerate(_order(curve.method, methods))}
-    curve = curve.sort_values(["method", "shots"], key=lambda s: s.map(order) if s.name == "method" else s)
+    curve = curve.assign(rank=curve.method.map(order)).sort_values(["rank", "shots"]).drop(columns="rank")
     return curve.round(4).reset_index(drop=True)
 
 
@@ -294,5 +292,5 @@ def check_finite(obj, where: str = "") -> None:
     if isinstance(obj, dict):
         for k, v in obj.items():
             check_finite(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and not math.isfinite(obj):
+    elif isinstance(obj, (int, float)) and not math.isfinite(obj):
         raise ValueError(f"metric {where} is {obj}")

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from biovlm.evaluate import harmonic_mean
@@ -37,18 +36,18 @@ PROTOCOL_NOTES = (
 
 @dataclass
 class Table:
-    """One table: ``mean``/``std`` frames indexed by row label (datasets + "Average"), columns = methods."""
+    """One table: ``mean``/``std`` frames indexed by row label (datasets + "Average"), columns = methods; ``std`` is
+    None for numbers computed from means (the harmonic mean): no spread over seeds, cells show the mean alone."""
 
     name: str
     caption: str
     mean: pd.DataFrame
-    std: pd.DataFrame
+    std: pd.DataFrame | None
     higher_is_better: bool = True
     notes: list[str] = field(default_factory=list)
     marked_rows: list[str] = field(default_factory=list)
     row_title: str = "Dataset"
     bold: bool = True
-    show_std: bool = True  # False for numbers computed from means (the harmonic mean): no spread over seeds
 
 
 def ordered(values, preferred: Sequence | None) -> list:
@@ -62,7 +61,7 @@ def ordered(values, preferred: Sequence | None) -> list:
 def pivot_table(values: pd.DataFrame, rows: Sequence[str], methods: Sequence[str], name: str, caption: str,
                 higher_is_better: bool = True) -> Table:
     """``values`` has columns (row, method, seed, value): one number per seed. Adds the Average row."""
-    values = values.dropna(subset=["value"])
+    values = values[values.value.notna()]
     grouped = values.groupby(["row", "method"])["value"]
     mean = grouped.mean().unstack("method").reindex(index=list(rows), columns=list(methods))
     std = grouped.std(ddof=0).unstack("method").reindex(index=list(rows), columns=list(methods))
@@ -70,12 +69,12 @@ def pivot_table(values: pd.DataFrame, rows: Sequence[str], methods: Sequence[str
     complete = values.groupby("method")["row"].nunique() == len(rows)
     per_seed = values[values.method.isin(complete[complete].index)].groupby(["method", "seed"])["value"].mean()
     avg = per_seed.groupby("method")
-    mean.loc["Average"] = avg.mean().reindex(list(methods))
-    std.loc["Average"] = avg.std(ddof=0).reindex(list(methods))
+    mean.loc["Average"] = avg.mean()  # aligned on the method columns; NaN for methods without an average
+    std.loc["Average"] = avg.std(ddof=0)
     return Table(name, caption, mean, std, higher_is_better)
 
 
-def _fmt(mean: float, std: float, bold: bool, latex: bool) -> str:
+def _fmt(mean: float, std: float | None, bold: bool, latex: bool = False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "--" if latex else NA
     pm = r" $\pm$ " if latex else " ± "
@@ -86,13 +85,11 @@ def _fmt(mean: float, std: float, bold: bool, latex: bool) -> str:
 
 
 def _std(table: Table, label: str, method: str) -> float | None:
-    return table.std.at[label, method] if table.show_std else None
+    return None if table.std is None else table.std.at[label, method]
 
 
 def _best(row: pd.Series, higher: bool) -> set:
-    row = row.dropna().round(1)
-    if row.empty:
-        return set()
+    row = row.dropna().round(1)  # a row of n/a only: max() is NaN, which equals nothing, so nothing is bold
     target = row.max() if higher else row.min()
     return set(row.index[row == target])
 
@@ -103,7 +100,7 @@ def to_markdown(table: Table) -> str:
              "|---|" + "---:|" * len(methods)]
     for label in table.mean.index:
         best = _best(table.mean.loc[label], table.higher_is_better) if table.bold else set()
-        cells = [_fmt(table.mean.at[label, m], _std(table, label, m), m in best, latex=False) for m in methods]
+        cells = [_fmt(table.mean.at[label, m], _std(table, label, m), m in best) for m in methods]
         shown = f"**{label}**" if label == "Average" else label
         if label in table.marked_rows:
             shown += f" {TRIVIAL_MARK}"
@@ -177,10 +174,10 @@ def base2new_tables(df: pd.DataFrame, methods: Sequence[str], datasets: Sequence
         caption = f"Base-to-novel accuracy (%), {title}, {shots} shots per base class"
         if part == "hm":  # the published HM: of the mean base and mean novel cells above, the average row too
             base, novel = tables[0], tables[1]
-            hm = pd.DataFrame(harmonic_mean(base.mean.to_numpy(float), novel.mean.to_numpy(float)),
+            hm = pd.DataFrame(harmonic_mean(base.mean.to_numpy(), novel.mean.to_numpy()),
                               index=base.mean.index, columns=base.mean.columns)
             table = Table(f"base2new_{part}", caption + " (HM of the mean base and novel accuracies)", hm,
-                          hm * np.nan, show_std=False)
+                          None)
         else:
             values = pd.DataFrame({"row": pivot.target, "method": pivot.method, "seed": pivot.seed,
                                    "value": pivot[part]})

@@ -8,7 +8,19 @@ import pytest
 
 from biovlm.data import DATASETS
 from biovlm.evaluate import RESULT_COLUMNS
-from biovlm.report import base2new_tables, fewshot_tables, pivot_table, to_latex, to_markdown, write_report
+from biovlm.plots import plot_base2new, plot_crossdata, plot_fewshot
+from biovlm.report import (
+    Table,
+    _tex_escape,
+    base2new_tables,
+    crossdata_tables,
+    fewshot_tables,
+    ordered,
+    pivot_table,
+    to_latex,
+    to_markdown,
+    write_report,
+)
 
 METHODS = ["zeroshot", "coop", "linear_probe"]
 DATASETS3 = ["pathmnist", "breastmnist", "bloodmnist"]
@@ -48,6 +60,9 @@ def test_pivot_table_mean_std_and_average_row():
     assert t.mean.at["a", "x"] == 85.0 and t.std.at["a", "x"] == 5.0
     assert t.mean.at["Average", "x"] == 67.5 and t.std.at["Average", "x"] == 2.5
     assert np.isnan(t.mean.at["Average", "y"])  # y lacks row b: no average over a subset
+    t2 = pivot_table(values, ["c", "b", "a"], ["y", "x"], "t", "caption")  # c: no values at all
+    assert list(t2.mean.index) == list(t2.std.index) == ["c", "b", "a", "Average"]
+    assert list(t2.mean.columns) == ["y", "x"] and t2.mean["x"].isna().tolist() == [True, False, False, True]
     md = to_markdown(t)
     assert "| a | **85.0 ± 5.0** | 10.0 ± 0.0 |" in md and "| b | **50.0 ± 10.0** | n/a |" in md
     assert "| **Average** | **67.5 ± 2.5** | n/a |" in md
@@ -107,7 +122,13 @@ def test_report_of_a_partial_run(tmp_path):
     df = df[df.setting == "fewshot"]
     write_report(df, tmp_path, METHODS, DATASETS3)
     md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# biovlm benchmark report\n\nCells are mean ± std over seeds")  # no header given
     assert "## Few-shot" in md and "Base-to-novel" not in md and "Cross-dataset" not in md
+    write_report(df, tmp_path, METHODS, DATASETS3)  # a rerun writes over the last report
+    assert (tmp_path / "report.md").read_text() == md
+    write_report(results().query("setting != 'base2new'"), tmp_path, METHODS, DATASETS3)  # a middle one missing
+    md = (tmp_path / "report.md").read_text()
+    assert "## Few-shot" in md and "## Base-to-novel" not in md and "## Cross-dataset" in md
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "ece"])
@@ -118,3 +139,285 @@ def test_average_row_is_mean_of_per_seed_dataset_averages(metric):
     per_seed = rows.groupby("seed")[metric].mean()
     assert t.mean.at["Average", "coop"] == pytest.approx(per_seed.mean())
     assert t.std.at["Average", "coop"] == pytest.approx(per_seed.std(ddof=0))
+
+
+# ---------------------------------------------------------------------------------------------- golden text
+def small_table() -> Table:
+    """m_1: a 80/90, b 60/40; m2: a 85.02/85.06, b 70/70; m3 only row a (no average). Means, stds by hand."""
+    values = pd.DataFrame({"row": ["a", "a", "b", "b"] * 2 + ["a", "a"],
+                           "method": ["m_1"] * 4 + ["m2"] * 4 + ["m3"] * 2, "seed": [1, 2] * 5,
+                           "value": [80.0, 90.0, 60.0, 40.0, 85.02, 85.06, 70.0, 70.0, 10.0, 10.0]})
+    table = pivot_table(values, ["a", "b"], ["m_1", "m2", "m3"], "t_x", "Acc (%) of m_1 & m2")
+    table.notes, table.marked_rows = ["note one", "note † two"], ["b"]
+    return table
+
+
+def test_markdown_golden_text_bolds_the_best_rounded_mean():
+    """Row a: 85.0 and 85.04 both show as 85.0, so both are bold; m3 lacks row b, so it has no average."""
+    assert to_markdown(small_table()) == (
+        "**Acc (%) of m_1 & m2**\n"
+        "\n"
+        "| Dataset | m_1 | m2 | m3 |\n"
+        "|---|---:|---:|---:|\n"
+        "| a | **85.0 ± 5.0** | **85.0 ± 0.0** | 10.0 ± 0.0 |\n"
+        "| b † | 50.0 ± 10.0 | **70.0 ± 0.0** | n/a |\n"
+        "| **Average** | 67.5 ± 2.5 | **77.5 ± 0.0** | n/a |\n"
+        "\n"
+        "note one  \n"
+        "note † two\n")
+
+
+def test_latex_golden_text():
+    assert to_latex(small_table()) == (
+        "\\begin{table}[t]\n"
+        "\\centering\n"
+        "\\small\n"
+        "\\caption{Acc (\\%) of m\\_1 \\& m2}\n"
+        "\\label{tab:t_x}\n"
+        "\\begin{tabular}{lccc}\n"
+        "\\toprule\n"
+        "Dataset & m\\_1 & m2 & m3 \\\\\n"
+        "\\midrule\n"
+        "a & \\textbf{85.0 $\\pm$ 5.0} & \\textbf{85.0 $\\pm$ 0.0} & 10.0 $\\pm$ 0.0 \\\\\n"
+        "b$^\\dagger$ & 50.0 $\\pm$ 10.0 & \\textbf{70.0 $\\pm$ 0.0} & -- \\\\\n"
+        "\\midrule\n"
+        "Average & 67.5 $\\pm$ 2.5 & \\textbf{77.5 $\\pm$ 0.0} & -- \\\\\n"
+        "\\bottomrule\n"
+        "\\end{tabular}\n"
+        "\\par\\footnotesize note one note $^\\dagger$ two\n"
+        "\\end{table}\n")
+
+
+def test_latex_without_notes_and_escaping():
+    table = small_table()
+    table.notes, table.marked_rows, table.row_title = [], [], "Source / target"
+    tex = to_latex(table)
+    assert "\\footnotesize" not in tex and "$^\\dagger$" not in tex
+    assert tex.endswith("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+    assert "\nSource / target & m\\_1 & m2 & m3 \\\\\n" in tex
+    assert _tex_escape("a\\b_c%d&e") == "a\\textbackslash{}b\\_c\\%d\\&e"
+
+
+def test_lower_is_better_bolds_the_minimum_and_unbolded_tables():
+    table = small_table()
+    table.higher_is_better = False
+    lines = to_markdown(table).splitlines()
+    assert lines[4:7] == ["| a | 85.0 ± 5.0 | 85.0 ± 0.0 | **10.0 ± 0.0** |",
+                          "| b † | **50.0 ± 10.0** | 70.0 ± 0.0 | n/a |",
+                          "| **Average** | **67.5 ± 2.5** | 77.5 ± 0.0 | n/a |"]
+    assert "Average & \\textbf{67.5 $\\pm$ 2.5} & 77.5 $\\pm$ 0.0 & -- \\\\\n" in to_latex(table)
+    table.bold = False
+    assert "**" not in "".join(to_markdown(table).splitlines()[2:]).replace("**Average**", "")
+    assert "\\textbf" not in to_latex(table)
+
+
+def test_cells_without_std_and_with_an_undefined_std():
+    """No std (the HM table) prints the mean alone; a NaN std prints as 0.0."""
+    mean = pd.DataFrame({"x": [58.333, 40.0], "y": [12.0, np.nan]}, index=["a", "Average"])
+    std = pd.DataFrame({"x": [np.nan, 1.25], "y": [np.nan, np.nan]}, index=["a", "Average"])
+    table = Table("hm", "HM", mean, std)
+    assert to_markdown(table).splitlines()[4:6] == ["| a | **58.3 ± 0.0** | 12.0 ± 0.0 |",
+                                                    "| **Average** | **40.0 ± 1.2** | n/a |"]
+    table.std = None
+    assert to_markdown(table).splitlines()[4:6] == ["| a | **58.3** | 12.0 |", "| **Average** | **40.0** | n/a |"]
+    assert "a & \\textbf{58.3} & 12.0 \\\\\n" in to_latex(table)
+
+
+def b2n_rows() -> pd.DataFrame:
+    """coop: d1 (three classes: two base, one novel) base 80/60, novel 40/60; d2 (two classes: one base, one
+    novel; trivial) base 90/90, novel 30/50.
+    linear_probe: base only, d1 90/90, d2 70/80."""
+    rows = []
+    for s, (b1, n1, b2, n2, lp1, lp2) in {1: (80, 40, 90, 30, 90, 70), 2: (60, 60, 90, 50, 90, 80)}.items():
+        rows += [("coop", "d1", s, "base", 2, b1), ("coop", "d1", s, "novel", 1, n1),
+                 ("coop", "d2", s, "base", 1, b2), ("coop", "d2", s, "novel", 1, n2),
+                 ("linear_probe", "d1", s, "base", 2, lp1), ("linear_probe", "d2", s, "base", 1, lp2)]
+    df = pd.DataFrame([(m, "base2new", d, d, 16, s, p, c, 50, float(a), 0.0, 0.0, 0.0) for m, d, s, p, c, a in rows],
+                      columns=list(RESULT_COLUMNS))
+    return df
+
+
+def test_base2new_tables_hand_computed_cells():
+    """HM per dataset of the seed means: d1 HM(70, 50) = 58.33, d2 HM(90, 40) = 55.38; the average row is HM of
+    the average base (80) and novel (45) = 57.6, not the mean of the dataset HMs (56.86)."""
+    base, novel, hm = base2new_tables(b2n_rows(), ["coop", "linear_probe"], ["d1", "d2"])
+    assert [t.name for t in (base, novel, hm)] == ["base2new_base", "base2new_novel", "base2new_hm"]
+    assert to_markdown(base) == (
+        "**Base-to-novel accuracy (%), base classes, 16 shots per base class**\n"
+        "\n"
+        "| Dataset | coop | linear_probe |\n"
+        "|---|---:|---:|\n"
+        "| d1 | 70.0 ± 10.0 | **90.0 ± 0.0** |\n"
+        "| d2 † | **90.0 ± 0.0** | 75.0 ± 5.0 |\n"
+        "| **Average** | 80.0 ± 5.0 | **82.5 ± 2.5** |\n"
+        "\n"
+        "† two classes: base and novel hold one class each, so accuracy is trivially 100%.\n")
+    assert to_markdown(novel) == (
+        "**Base-to-novel accuracy (%), novel classes, 16 shots per base class**\n"
+        "\n"
+        "| Dataset | coop | linear_probe |\n"
+        "|---|---:|---:|\n"
+        "| d1 | **50.0 ± 10.0** | n/a |\n"
+        "| d2 † | **40.0 ± 10.0** | n/a |\n"
+        "| **Average** | **45.0 ± 10.0** | n/a |\n"
+        "\n"
+        "† two classes: base and novel hold one class each, so accuracy is trivially 100%.  \n"
+        "n/a: the method cannot classify classes it was not trained on.\n")
+    assert to_markdown(hm) == (
+        "**Base-to-novel accuracy (%), harmonic mean, 16 shots per base class (HM of the mean base and novel "
+        "accuracies)**\n"
+        "\n"
+        "| Dataset | coop | linear_probe |\n"
+        "|---|---:|---:|\n"
+        "| d1 | **58.3** | n/a |\n"
+        "| d2 † | **55.4** | n/a |\n"
+        "| **Average** | **57.6** | n/a |\n"
+        "\n"
+        "† two classes: base and novel hold one class each, so accuracy is trivially 100%.  \n"
+        "n/a: the method cannot classify classes it was not trained on.\n")
+    assert hm.mean.at["Average", "coop"] == pytest.approx(57.6)
+    assert hm.std is None and hm.marked_rows == ["d2"]
+
+
+def test_base2new_without_trivial_rows_or_missing_novel():
+    df = b2n_rows()
+    df = df[df.method == "coop"].assign(n_classes=3)
+    base, novel, hm = base2new_tables(df, ["coop"], ["d1", "d2"])
+    assert base.notes == novel.notes == hm.notes == [] and hm.marked_rows == []
+    # a method without base-to-novel runs: n/a everywhere, but the base table never blames unseen classes
+    base, novel, hm = base2new_tables(df, ["coop", "zeroshot"], ["d1", "d2"])
+    assert base.mean["zeroshot"].isna().all() and base.notes == []
+    assert novel.notes == hm.notes == ["n/a: the method cannot classify classes it was not trained on."]
+
+
+def test_base2new_tables_of_the_linear_probe_alone():
+    """No novel rows at all: the novel and HM tables are n/a throughout."""
+    base, novel, hm = base2new_tables(b2n_rows().query("method == 'linear_probe'"), ["linear_probe"], ["d1", "d2"])
+    assert base.mean["linear_probe"].tolist() == [90.0, 75.0, 82.5]
+    assert novel.mean["linear_probe"].isna().all() and hm.mean["linear_probe"].isna().all()
+
+
+def crossdata_rows() -> pd.DataFrame:
+    """coop trained on each of d1, d2, d3 and tested on all three, seeds 1 and 2 (diagonal 90, 80, 70)."""
+    acc = {1: {("d1", "d2"): 30, ("d1", "d3"): 50, ("d2", "d1"): 60, ("d2", "d3"): 70, ("d3", "d1"): 20,
+               ("d3", "d2"): 40},
+           2: {("d1", "d2"): 40, ("d1", "d3"): 60, ("d2", "d1"): 60, ("d2", "d3"): 70, ("d3", "d1"): 30,
+               ("d3", "d2"): 30}}
+    rows = []
+    for s, pairs in acc.items():
+        pairs = {**pairs, ("d1", "d1"): 90, ("d2", "d2"): 80, ("d3", "d3"): 70}
+        rows += [("coop", "crossdata", src, tgt, 16, s, "all", 4, 50, float(a), 0.0, 0.0, 0.0)
+                 for (src, tgt), a in pairs.items()]
+    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+
+
+def test_crossdata_tables_transfer_means_by_hand():
+    """Transfer cell: mean over the other two targets within a seed, then over seeds: d1 (40, 50) -> 45 ± 5,
+    d2 (65, 65), d3 (30, 30); average (45, 48.33) -> 46.7 ± 1.7. The diagonal stays out of the transfer."""
+    summary, matrix = crossdata_tables(crossdata_rows(), ["coop", "linear_probe"], ["d1", "d2", "d3"])
+    assert summary.name == "crossdata_transfer" and matrix.name == "crossdata_matrix_coop"
+    assert to_markdown(summary) == (
+        "**Cross-dataset accuracy (%): trained on the row's dataset (16 shots), mean over the other datasets**\n"
+        "\n"
+        "| Dataset | coop | linear_probe |\n"
+        "|---|---:|---:|\n"
+        "| d1 | **45.0 ± 5.0** | n/a |\n"
+        "| d2 | **65.0 ± 0.0** | n/a |\n"
+        "| d3 | **30.0 ± 0.0** | n/a |\n"
+        "| **Average** | **46.7 ± 1.7** | n/a |\n"
+        "\n"
+        "n/a: linear_probe cannot classify another dataset's classes.\n")
+    assert to_markdown(matrix) == (
+        "**Cross-dataset accuracy (%) of coop: rows are sources, columns targets (diagonal: in-domain)**\n"
+        "\n"
+        "| Source / target | d1 | d2 | d3 |\n"
+        "|---|---:|---:|---:|\n"
+        "| d1 | 90.0 ± 0.0 | 35.0 ± 5.0 | 55.0 ± 5.0 |\n"
+        "| d2 | 60.0 ± 0.0 | 80.0 ± 0.0 | 70.0 ± 0.0 |\n"
+        "| d3 | 25.0 ± 5.0 | 35.0 ± 5.0 | 70.0 ± 0.0 |\n")
+    only = crossdata_tables(crossdata_rows(), ["coop"], ["d1", "d2", "d3"])
+    assert only[0].notes == []
+    assert crossdata_tables(crossdata_rows().assign(setting="fewshot"), ["coop"], ["d1"]) == []
+    two = pd.concat([crossdata_rows().assign(method="zeroshot"), crossdata_rows()], ignore_index=True)
+    tables = crossdata_tables(two, ["coop", "linear_probe", "zeroshot", "clip_adapter"], ["d3", "d1", "d2"])
+    assert [t.name for t in tables] == ["crossdata_transfer", "crossdata_matrix_coop", "crossdata_matrix_zeroshot"]
+    assert tables[0].notes == ["n/a: linear_probe, clip_adapter cannot classify another dataset's classes."]
+    assert list(tables[0].mean.index) == ["d3", "d1", "d2", "Average"]
+    assert list(tables[1].mean.index) == list(tables[1].mean.columns) == ["d3", "d1", "d2"]
+
+
+def test_fewshot_tables_captions_and_ece_bolds_the_lowest():
+    rows = [(m, "fewshot", "d1", "d1", k, s, "all", 3, 50, acc + k, acc - 10 + k, acc + 5 + k, ece - k / 16)
+            for m, acc, ece in (("coop", 64.0, 5.0), ("zeroshot", 44.0, 10.0)) for k in (1, 4, 16) for s in (1, 2)]
+    tables = fewshot_tables(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)), ["zeroshot", "coop"], ["d1"])
+    assert [to_markdown(t).splitlines()[0] for t in tables] == [
+        "**Few-shot accuracy (%), K = 1 (shots per class)**", "**Few-shot accuracy (%), K = 4 (shots per class)**",
+        "**Few-shot accuracy (%), K = 16 (shots per class)**", "**Few-shot macro-F1 (%), K = 16**",
+        "**Few-shot one-vs-rest AUC (%), K = 16**", "**Few-shot ECE (15 bins) (%), K = 16**"]
+    assert [t.name for t in tables] == ["fewshot_k1_accuracy", "fewshot_k4_accuracy", "fewshot_k16_accuracy",
+                                        "fewshot_k16_macro_f1", "fewshot_k16_auc", "fewshot_k16_ece"]
+    assert to_markdown(tables[1]).splitlines()[4] == "| d1 | 48.0 ± 0.0 | **68.0 ± 0.0** |"
+    assert to_markdown(tables[3]).splitlines()[4] == "| d1 | 50.0 ± 0.0 | **70.0 ± 0.0** |"
+    assert to_markdown(tables[5]).splitlines()[4:6] == ["| d1 | 9.0 ± 0.0 | **4.0 ± 0.0** |",
+                                                        "| **Average** | 9.0 ± 0.0 | **4.0 ± 0.0** |"]
+    assert [t.higher_is_better for t in tables] == [True, True, True, True, True, False]
+    assert fewshot_tables(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).assign(part="base"), ["coop"], ["d1"]) == []
+
+
+def test_write_report_layout(tmp_path):
+    """The report's fixed text and the order of its sections, figures and tables, in the requested method and
+    dataset order (not the order of the results); tables.tex holds the same tables; the figures are biovlm.plots'."""
+    few = [(m, "fewshot", d, d, k, s, "all", 3, 50, 60.0 + s, 50.0, 70.0, 5.0)
+           for m in ("coop", "linear_probe") for d in ("d1", "d2") for k in (1, 16) for s in (1, 2)]
+    df = pd.concat([pd.DataFrame(few, columns=list(RESULT_COLUMNS)), b2n_rows(), crossdata_rows()],
+                   ignore_index=True)
+    methods, datasets = ["linear_probe", "coop"], ["d2", "d1", "d3"]
+    paths = write_report(df, tmp_path / "out", methods, datasets, header="Run: test")
+    out = tmp_path / "out"
+    figures = [out / "figures" / f for f in ("fewshot_average.png", "fewshot_per_dataset.png", "base2new.png",
+                                             "crossdata_heatmap.png")]
+    assert paths[:2] == [out / "report.md", out / "tables.tex"] and sorted(paths[2:]) == sorted(figures)
+    md = (out / "report.md").read_text()
+    assert md.startswith("# biovlm benchmark report\n\nRun: test\n\n"
+                         "Cells are mean ± std over seeds, in percent; the best mean of each row is bold.\n\n"
+                         "Protocol (docs/protocol.md): each run sees only its own K shots and min(K, 4) validation "
+                         "shots per training class; ")
+    assert "HM(mean base, mean novel), as CoCoOp, BiomedCoOp and BioVLM report it.\n\n## Few-shot\n\n![" in md
+    outline = [line for line in md.splitlines() if line.startswith(("## ", "![", "**Few", "**Base", "**Cross"))]
+    assert outline == [
+        "## Few-shot", "![fewshot_average](figures/fewshot_average.png)",
+        "![fewshot_per_dataset](figures/fewshot_per_dataset.png)",
+        "**Few-shot accuracy (%), K = 1 (shots per class)**", "**Few-shot accuracy (%), K = 16 (shots per class)**",
+        "**Few-shot macro-F1 (%), K = 16**", "**Few-shot one-vs-rest AUC (%), K = 16**",
+        "**Few-shot ECE (15 bins) (%), K = 16**",
+        "## Base-to-novel", "![base2new](figures/base2new.png)",
+        "**Base-to-novel accuracy (%), base classes, 16 shots per base class**",
+        "**Base-to-novel accuracy (%), novel classes, 16 shots per base class**",
+        "**Base-to-novel accuracy (%), harmonic mean, 16 shots per base class (HM of the mean base and novel "
+        "accuracies)**",
+        "## Cross-dataset", "![crossdata_heatmap](figures/crossdata_heatmap.png)",
+        "**Cross-dataset accuracy (%): trained on the row's dataset (16 shots), mean over the other datasets**",
+        "**Cross-dataset accuracy (%) of coop: rows are sources, columns targets (diagonal: in-domain)**"]
+    # each table as to_markdown writes it (ending in a newline), then a blank line; the file ends with one newline
+    assert ("| **Average** | n/a | **46.7 ± 1.7** |\n\nn/a: linear_probe cannot classify another dataset's classes."
+            "\n\n\n**Cross-dataset accuracy (%) of coop") in md
+    assert "n/a: the method cannot classify classes it was not trained on.\n\n\n**Base-to-novel" in md
+    assert "![crossdata_heatmap](figures/crossdata_heatmap.png)\n\n**Cross-dataset accuracy (%): trained" in md
+    assert "| Dataset | linear_probe | coop |\n" in md and "| Source / target | d2 | d1 | d3 |\n" in md
+    assert md.endswith("| d3 | 35.0 ± 5.0 | 25.0 ± 5.0 | 70.0 ± 0.0 |\n")
+    tex = (out / "tables.tex").read_text()
+    assert tex.startswith("% biovlm benchmark tables (generated by `dvc repro report`); needs "
+                          "\\usepackage{booktabs}\n\n\\begin{table}[t]\n")
+    assert tex.count("\\end{table}\n\n\n\\begin{table}[t]\n") == 5 + 3 + 2 - 1 and tex.endswith("\\end{table}\n")
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    drawn = [*plot_fewshot(df, methods, datasets, direct), *plot_base2new(df, methods, direct),
+             *plot_crossdata(df, methods, datasets, direct)]
+    assert [p.name for p in drawn] == [p.name for p in paths[2:]]
+    for p in drawn:
+        assert p.read_bytes() == (out / "figures" / p.name).read_bytes(), p.name
+
+
+def test_ordered_puts_the_preferred_first_then_the_rest_as_they_appear():
+    assert ordered(["b", "a", "b", "c", "d"], ["c", "x", "a"]) == ["c", "a", "b", "d"]
+    assert ordered(["b", "a", "b", "c"], None) == ["b", "a", "c"]
