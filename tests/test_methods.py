@@ -143,6 +143,43 @@ def test_kl_distill_matches_definition(tau):
         kl_distill(s, t, tau, "sum")
 
 
+def test_kl_distill_defaults_dtype_and_errors():
+    """Defaults: tau 1, "batchmean", one member; half-precision logits are compared in float32; the teacher is a
+    constant (no gradient flows into it)."""
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.5]], requires_grad=True)
+    t = torch.tensor([[0.0, 3.0, 0.0], [1.0, 0.0, -2.0]], requires_grad=True)
+    by_hand = sum((torch.softmax(t[b], 0) * (torch.log_softmax(t[b], 0) - torch.log_softmax(s[b], 0))).sum()
+                  for b in range(2)).item()
+    assert kl_distill(s, t).item() == pytest.approx(by_hand / 2, rel=1e-5)
+    assert kl_distill(s, t, 1.0, "reference").item() == pytest.approx(by_hand / (2 * 3), rel=1e-5)
+    half = kl_distill(s.half(), t.half(), 2.0)
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(kl_distill(s.half().float(), t.half().float(), 2.0).item(), rel=1e-6)
+    kl_distill(s, t, 2.0).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"^kl_reduction must be one of \('batchmean', 'reference'\), got 'sum'$"):
+        kl_distill(s, t, 1.0, "sum")
+    for tau in (0, -1.0):
+        with pytest.raises(ValueError, match=f"^KL temperature tau must be > 0, got {tau}$"):
+            kl_distill(s, t, tau)
+
+
+def test_entropy_of_mean_is_over_members_in_float32():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 3.0]]])
+    p = torch.softmax(logits[0].double(), -1).mean(0)
+    value = entropy_of_mean(logits.half())
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-3)
+
+
+def test_text_alignment_of_short_vectors_is_scale_free():
+    """The cosine divides by the norms (eps only guards zero vectors): vectors of norm 0.01 align like unit ones."""
+    a = torch.tensor([[0.01, 0.0], [0.0, 0.02]])
+    b = torch.tensor([[0.01, 0.01], [0.0, 0.005]])
+    assert text_alignment(a, b).item() == pytest.approx(1 - (math.sqrt(0.5) + 1) / 2, rel=1e-6)
+    assert text_alignment(a.half(), b.half()).dtype == torch.float32
+
+
 def test_text_alignment_is_cosine_over_the_feature_axis():
     a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     b = torch.tensor([[1.0, 1.0, 0.0], [0.0, -3.0, 0.0]])
