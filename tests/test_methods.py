@@ -754,3 +754,89 @@ def test_zeroshot_attr_is_the_unit_mean_of_each_class_attribute_features(tiny_ba
     head = unit(torch.stack([a.mean(0) for a in attributes_by_hand(tiny_backbone, other)]))
     assert torch.allclose(m.logits(f, NAMES, INFO, other), tiny_backbone.logit_scale * f @ head.T, atol=1e-5)
     assert not m.trainable
+
+
+# ---- linear probe: knobs, fit, logits ------------------------------------------------------------------------
+def test_search_grid_is_coops():
+    from biovlm.methods.linear_probe import SEARCH_GRID
+
+    assert SEARCH_GRID == (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
+
+
+def test_c_search_moves_towards_the_better_end_and_keeps_it():
+    """Accuracy peaks at C = 10^4.6: from the grid's 1e4, each step keeps the better end and the last kept end is
+    returned (not the midpoint)."""
+    from biovlm.methods.linear_probe import search_c
+
+    chosen, tried = search_c(lambda c: -abs(math.log10(c) - 4.6), steps=2)
+    logs = [round(math.log10(c), 6) for c, _ in tried[7:]]
+    assert logs == [3.0, 5.0, 4.0, 5.0]  # [3, 5] -> 5 wins, lo = 4; [4, 5] -> 5 wins again
+    assert chosen == pytest.approx(10**5.0)
+    chosen, tried = search_c(lambda c: -abs(math.log10(c) + 2.2), steps=1)  # peak at 10^-2.2: grid 1e-2
+    assert [round(math.log10(c), 6) for c, _ in tried[7:]] == [-3.0, -1.0]
+    assert chosen == pytest.approx(10**-3.0)  # -3 is 0.8 away, -1 is 1.2 away
+    assert [a for _, a in tried[:7]] == [-abs(e + 2.2) for e in (6, 4, 2, 0, -2, -4, -6)]
+
+
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"C": 0}, "linear_probe.C must be 'search' (chosen on the validation shots) or a number > 0, got 0"),
+    ({"C": True}, "linear_probe.C must be 'search' (chosen on the validation shots) or a number > 0, got True"),
+    ({"C": -1.0}, "linear_probe.C must be 'search' (chosen on the validation shots) or a number > 0, got -1.0"),
+    ({"max_iter": 0}, "linear_probe.max_iter must be a positive integer, got 0"),
+    ({"max_iter": 2.0}, "linear_probe.max_iter must be a positive integer, got 2.0"),
+    ({"search_steps": -1}, "linear_probe.search_steps must be a non-negative integer, got -1"),
+    ({"search_steps": "8"}, "linear_probe.search_steps must be a non-negative integer, got '8'"),
+    ({"tol": -1e-3}, "linear_probe.tol must be > 0, got -0.001"),
+])
+def test_linear_probe_knob_errors(knobs, message, tiny_backbone):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_method("linear_probe", tiny_backbone, {"linear_probe": knobs}, INFO)
+
+
+def test_linear_probe_accepts_edge_knobs(tiny_backbone):
+    m = build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": 1, "max_iter": 1, "search_steps": 0}},
+                     INFO)
+    assert m.knobs["C"] == 1 and m.class_specific and not m.trainable
+
+
+def test_linear_probe_logits_are_sklearns_decision_function_with_its_knobs(tiny_backbone):
+    """max_iter and tol reach sklearn: a probe stopped after 3 iterations equals sklearn stopped there."""
+    import warnings
+
+    feats = synthetic_features(tiny_backbone.embed_dim, INFO.n_classes, shots=3, noise=0.5)
+    knobs = {"C": 50.0, "max_iter": 3, "tol": 1e-3}
+    m = build_method("linear_probe", tiny_backbone, {"linear_probe": knobs}, INFO)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns that 3 iterations do not converge
+        m.setup(feats.pool_clean, feats.pool_labels)
+        clf = LogisticRegression(C=50.0, max_iter=3, tol=1e-3).fit(feats.pool_clean.double().numpy(),
+                                                                     feats.pool_labels.numpy())
+        full = LogisticRegression(C=50.0, max_iter=1000, tol=1e-3).fit(feats.pool_clean.double().numpy(),
+                                                                        feats.pool_labels.numpy())
+    x = feats.test_features
+    expected = clf.decision_function(x.double().numpy())
+    assert not np.allclose(expected, full.decision_function(x.double().numpy()), atol=1e-3)
+    np.testing.assert_allclose(m.logits(x, NAMES, INFO).numpy(), expected, atol=1e-4)
+    assert m.checkpoint()["meta"]["C"] == 50.0 and m.chosen_c == 50.0
+
+
+def test_linear_probe_setup_and_transfer_errors(tiny_backbone):
+    feats = synthetic_features(tiny_backbone.embed_dim, INFO.n_classes, shots=2)
+    m = build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": 1.0}}, INFO)
+    with pytest.raises(RuntimeError, match="^linear probe has not been fitted: run biovlm.train.fit first$"):
+        m.logits(feats.test_features, NAMES, INFO)
+    labels = feats.pool_labels.clone()
+    labels[labels == 3] = 4
+    with pytest.raises(ValueError, match=re.escape("linear probe needs shots of every training class 0..7, got "
+                                                   "[0, 1, 2, 4, 5, 6, 7]")):
+        m.setup(feats.pool_clean, labels)
+    one = build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": 1.0}}, INFO, class_ids=[2])
+    with pytest.raises(ValueError, match="^linear probe needs at least two classes$"):
+        one.setup(feats.pool_clean[:2], torch.zeros(2, dtype=torch.long))
+    m.setup(feats.pool_clean, feats.pool_labels)
+    assert bool(m.fitted)
+    other = get_dataset("pathmnist")
+    with pytest.raises(NotTransferable, match=re.escape(
+            f"linear_probe was trained on bloodmnist classes {NAMES} and cannot classify unseen classes "
+            f"{[NAMES[0]]} of pathmnist")):
+        m.logits(feats.test_features, [NAMES[0]], other)
