@@ -297,3 +297,22 @@ def test_prompt_parts_keep_start_context_and_name_in_place(tiny_backbone):
         direct = F.normalize(tiny_backbone.encode_text_embeddings(x, mask).float(), dim=-1)
         assert torch.allclose(feats[g], direct, atol=1e-5)
     assert math.isclose(float(feats.norm(dim=-1).mean()), 1.0, rel_tol=1e-5)
+
+
+class _MetaBackbone:
+    """The attributes a method reads from its backbone at construction, on PyTorch's 'meta' device."""
+
+    name, embed_dim, text_width, logit_scale = "meta-tower", 16, 12, 10.0
+    device = torch.device("meta")
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_every_tensor_is_created_on_the_backbones_device_and_attributes_are_kept(name):
+    """Constructors place their tensors on ``backbone.device`` themselves (not only ``build_method``'s final move),
+    and every method keeps the attributes of its classes for its checkpoint, whether it uses them or not."""
+    from biovlm.methods import METHODS
+
+    m = METHODS[name](_MetaBackbone(), {}, INFO, [4, 1], ATTRS)
+    tensors = list(m.parameters()) + list(m.buffers())
+    assert all(t.device.type == "meta" for t in tensors)
+    assert m.attributes == [ATTRS[4], ATTRS[1]] and m.knobs == type(m).DEFAULTS

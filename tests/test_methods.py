@@ -575,7 +575,7 @@ def test_cocoop_reset_draws_nn_linears_default_init_from_the_generator(tiny_back
 
 
 # ---- KgCoOp --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("weight", [3.0, 0.0])
+@pytest.mark.parametrize("weight", [3.0, 0.5, 0.0])
 def test_kgcoop_loss_is_ce_plus_weight_times_one_minus_cosine_to_the_template(weight, tiny_backbone):
     m = prompt_method("kgcoop", tiny_backbone, {"weight": weight})
     batch = batch_of(tiny_backbone.embed_dim)
