@@ -689,7 +689,8 @@ def test_robust_keep_uses_the_scaled_median_absolute_deviation():
     scores = torch.tensor([-1.0, 0.0, 1.0, 2.2, -2.3])
     assert robust_keep(scores, 1.5).tolist() == [True, True, True, True, False]
     assert robust_keep(scores, 1 / 1.4826).tolist() == [True, True, True, False, False]  # |z| = threshold: kept
-    assert robust_keep(torch.tensor([1.0, 1.0, 1.0, 9.0]), 0.1).tolist() == [True] * 4  # MAD 0
+    everything = robust_keep(torch.tensor([1.0, 1.0, 1.0, 9.0]), 0.1)  # MAD 0: nothing is an outlier
+    assert everything.dtype == torch.bool and everything.tolist() == [True] * 4  # a mask, not ones to index with
     assert robust_keep(torch.tensor([1.0, 2.0, 4.0, 9.0]), 1.4).tolist() == [True, True, True, False]  # lower median
 
 
