@@ -841,3 +841,53 @@ def test_linear_probe_setup_and_transfer_errors(tiny_backbone):
             f"linear_probe was trained on bloodmnist classes {NAMES} and cannot classify unseen classes "
             f"{[NAMES[0]]} of pathmnist")):
         m.logits(feats.test_features, [NAMES[0]], other)
+
+
+# ---- BioVLM: prediction routes the bank, the reference KL scaling, knob messages -----------------------------
+def test_biovlm_logits_route_the_bank_by_select_ratio(tiny_backbone):
+    m = build_method("biovlm", tiny_backbone, {"biovlm": {"bank_size": 5, "select_ratio": 0.4}}, INFO,
+                     attributes=ATTRS)
+    with torch.no_grad():
+        m.ctx.mul_(50)
+    f = fixed_batch(tiny_backbone.embed_dim, INFO.n_classes)["plain"]
+    text = m.prompt_features(NAMES).detach()
+    expected = []
+    for x in f:
+        members = [(m.scale * text[j] @ x).tolist() for j in range(5)]
+        expected.append(torch.tensor(members)[_keep(members, 0.4)].mean(0))
+    assert torch.allclose(m.logits(f, NAMES, INFO), torch.stack(expected), atol=1e-5)
+
+
+def test_biovlm_reference_kl_divides_by_bank_size_and_classes(tiny_backbone):
+    knobs = {"bank_size": 3, "l_ent": 0.0, "l_cos": 0.0}
+    batch = fixed_batch(tiny_backbone.embed_dim, INFO.n_classes)
+    mean = build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
+    ref = build_method("biovlm", tiny_backbone, {"biovlm": {**knobs, "kl_reduction": "reference"}}, INFO,
+                       attributes=ATTRS)
+    for m in (mean, ref):
+        m.scale = 20 * tiny_backbone.logit_scale
+    a, _ = mean.loss_terms(batch)
+    b, _ = ref.loss_terms(batch)
+    for term in ("kd", "aug"):
+        assert a[term].item() > 1e-4
+        assert b[term].item() == pytest.approx(a[term].item() / (3 * INFO.n_classes), rel=1e-5)
+
+
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"tau": 0}, "biovlm.tau must be > 0, got 0"),
+    ({"kl_reduction": "mean"}, "biovlm.kl_reduction must be one of ('batchmean', 'reference'), got 'mean'"),
+    ({"n_ctx": 0}, "biovlm.n_ctx must be a positive integer, got 0"),
+    ({"l_ent": -1}, "biovlm.l_ent must be a number >= 0, got -1"),
+    ({"l_aug": -1}, "biovlm.l_aug must be a number >= 0, got -1"),
+    ({"l_cos": -1}, "biovlm.l_cos must be a number >= 0, got -1"),
+])
+def test_biovlm_knob_errors(knobs, message, tiny_backbone):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
+
+
+@pytest.mark.parametrize("on", ["l_kd", "l_aug", "l_cos"])
+def test_biovlm_needs_attributes_for_any_attribute_term(on, tiny_backbone):
+    knobs = {"l_kd": 0, "l_aug": 0, "l_cos": 0, on: 0.1}
+    with pytest.raises(ValueError, match="needs attributes by label id"):
+        build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO)
