@@ -755,6 +755,13 @@ def test_zeroshot_attr_is_the_unit_mean_of_each_class_attribute_features(tiny_ba
     head = unit(torch.stack([a.mean(0) for a in attributes_by_hand(tiny_backbone, other)]))
     assert torch.allclose(m.logits(f, NAMES, INFO, other), tiny_backbone.logit_scale * f @ head.T, atol=1e-5)
     assert not m.trainable
+    # its own attributes only serve its own class list of its own dataset
+    import dataclasses
+
+    twin = dataclasses.replace(INFO, name="twin")
+    for names, info in ((NAMES, twin), (NAMES[:4], INFO), (NAMES[::-1], INFO)):
+        with pytest.raises(ValueError, match="^method 'zeroshot_attr' needs the attributes of the classes"):
+            m.logits(f, names, info)
 
 
 # ---- linear probe: knobs, fit, logits ------------------------------------------------------------------------
