@@ -550,6 +550,7 @@ def test_cocoop_shifts_the_context_per_image_through_the_meta_network(tiny_backb
 def test_cocoop_meta_network_width_and_its_floor(tiny_backbone):
     d = tiny_backbone.embed_dim
     assert build_method("cocoop", tiny_backbone, {}, INFO).meta_net[0].out_features == d // 16
+    assert build_method("cocoop", tiny_backbone, {"cocoop": {"meta_reduction": 1}}, INFO).meta_net[0].out_features == d
     assert build_method("cocoop", tiny_backbone, {"cocoop": {"meta_reduction": 4 * d}},
                         INFO).meta_net[0].out_features == 1
     for bad in (0, -2, 1.5, True, "4"):
