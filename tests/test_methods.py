@@ -178,6 +178,9 @@ def test_text_alignment_of_short_vectors_is_scale_free():
     b = torch.tensor([[0.01, 0.01], [0.0, 0.005]])
     assert text_alignment(a, b).item() == pytest.approx(1 - (math.sqrt(0.5) + 1) / 2, rel=1e-6)
     assert text_alignment(a.half(), b.half()).dtype == torch.float32
+    # eps = 1e-7 floors each norm: a zero feature is unaligned (cos 0), one of norm 1e-8 counts as 1e-8 / 1e-7
+    assert text_alignment(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(1.0)
+    assert text_alignment(torch.tensor([[1e-8, 0.0]]), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.9)
 
 
 def test_text_alignment_is_cosine_over_the_feature_axis():
