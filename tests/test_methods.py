@@ -902,3 +902,11 @@ def test_biovlm_needs_attributes_for_any_attribute_term(on, tiny_backbone):
     knobs = {"l_kd": 0, "l_aug": 0, "l_cos": 0, on: 0.1}
     with pytest.raises(ValueError, match="needs attributes by label id"):
         build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO)
+
+
+@pytest.mark.parametrize(("on", "term"), [("l_kd", "kd"), ("l_aug", "aug"), ("l_cos", "cos")])
+def test_biovlm_each_attribute_term_works_alone(on, term, tiny_backbone):
+    knobs = {"bank_size": 2, "l_ent": 0, "l_kd": 0, "l_aug": 0, "l_cos": 0, on: 0.5}
+    m = build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
+    terms, _ = m.loss_terms(fixed_batch(tiny_backbone.embed_dim, INFO.n_classes))
+    assert set(terms) == {"ce", term}
