@@ -914,7 +914,7 @@ def test_biovlm_each_attribute_term_works_alone(on, term, tiny_backbone):
 
 @pytest.mark.parametrize(("off", "teacher_views"), [("l_kd", [2]), ("l_aug", [1])])
 def test_biovlm_a_zero_weight_teacher_is_not_computed(off, teacher_views, tiny_backbone, monkeypatch):
-    """"A weight of 0 removes its term (and it is not computed)": the unused teacher is never built."""
+    """As the module says, a weight of 0 removes its term and it is not computed: the unused teacher is never built."""
     m = build_method("biovlm", tiny_backbone, {"biovlm": {"bank_size": 2, off: 0}}, INFO, attributes=ATTRS)
     calls = []
     real = m.teacher_logits
