@@ -4,6 +4,7 @@ and every method through the same build / fit / predict / checkpoint interface."
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
+from torch import nn
 
 from biovlm import prompts
 from biovlm.data import get_dataset
@@ -139,6 +141,46 @@ def test_kl_distill_matches_definition(tau):
     assert kl_distill(s, t, tau, "reference", n_members=5).item() == pytest.approx(total / (2 * 5 * 4), rel=1e-5)
     with pytest.raises(ValueError, match="kl_reduction"):
         kl_distill(s, t, tau, "sum")
+
+
+def test_kl_distill_defaults_dtype_and_errors():
+    """Defaults: tau 1, "batchmean", one member; half-precision logits are compared in float32; the teacher is a
+    constant (no gradient flows into it)."""
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.5]], requires_grad=True)
+    t = torch.tensor([[0.0, 3.0, 0.0], [1.0, 0.0, -2.0]], requires_grad=True)
+    by_hand = sum((torch.softmax(t[b], 0) * (torch.log_softmax(t[b], 0) - torch.log_softmax(s[b], 0))).sum()
+                  for b in range(2)).item()
+    assert kl_distill(s, t).item() == pytest.approx(by_hand / 2, rel=1e-5)
+    assert kl_distill(s, t, 1.0, "reference").item() == pytest.approx(by_hand / (2 * 3), rel=1e-5)
+    half = kl_distill(s.half(), t.half(), 2.0)
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(kl_distill(s.half().float(), t.half().float(), 2.0).item(), rel=1e-6)
+    kl_distill(s, t, 2.0).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"^kl_reduction must be one of \('batchmean', 'reference'\), got 'sum'$"):
+        kl_distill(s, t, 1.0, "sum")
+    for tau in (0, -1.0):
+        with pytest.raises(ValueError, match=f"^KL temperature tau must be > 0, got {tau}$"):
+            kl_distill(s, t, tau)
+
+
+def test_entropy_of_mean_is_over_members_in_float32():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 3.0]]])
+    p = torch.softmax(logits[0].double(), -1).mean(0)
+    value = entropy_of_mean(logits.half())
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-3)
+
+
+def test_text_alignment_of_short_vectors_is_scale_free():
+    """The cosine divides by the norms (eps only guards zero vectors): vectors of norm 0.01 align like unit ones."""
+    a = torch.tensor([[0.01, 0.0], [0.0, 0.02]])
+    b = torch.tensor([[0.01, 0.01], [0.0, 0.005]])
+    assert text_alignment(a, b).item() == pytest.approx(1 - (math.sqrt(0.5) + 1) / 2, rel=1e-6)
+    assert text_alignment(a.half(), b.half()).dtype == torch.float32
+    # eps = 1e-7 floors each norm: a zero feature is unaligned (cos 0), one of norm 1e-8 counts as 1e-8 / 1e-7
+    assert text_alignment(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(1.0)
+    assert text_alignment(torch.tensor([[1e-8, 0.0]]), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.9)
 
 
 def test_text_alignment_is_cosine_over_the_feature_axis():
@@ -395,3 +437,487 @@ def test_biomedcoop_prunes_outlier_attributes():
     scores = torch.tensor([10.0, 10.2, 9.9, 10.1, 25.0, 10.05, -3.0])
     assert robust_keep(scores, 1.5).tolist() == [True, True, True, True, False, True, False]
     assert robust_keep(torch.full((4,), 3.0), 1.5).all()  # MAD 0: nothing to prune
+
+
+# ---- the baselines' losses and logits against an independent computation -----------------------------------
+# As for BioVLM above, with plain torch formulas written out here. The tiny tower's text features are nearly
+# parallel, so these tests scale the learned context up and use a large logit scale: the terms are then far above
+# float32 noise, and a wrong weight or a wrong formula shows.
+NAMES = list(INFO.prompt_names)
+WORDS = ("round", "lobed", "pale", "dark", "small", "large", "smooth", "rough")
+# five attributes per class: on the shots of shots_of() the robust z-score prunes attribute 3 (and only it)
+ATTRS5 = [[f"{w} granules", f"{w} nucleus", f"{w} membrane", f"{w} shape", f"{w} edge"] for w in WORDS]
+
+
+def batch_of(d: int, b: int = 6, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    views = {k: F.normalize(torch.randn(b, d, generator=g), dim=-1) for k in ("plain", "weak", "strong", "clean")}
+    return {**views, "labels": torch.tensor([0, 3, 5, 7, 2, 3][:b])}
+
+
+def shots_of(d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return F.normalize(torch.randn(16, d, generator=g), dim=-1), torch.arange(16) % 8
+
+
+def cross_entropy_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """mean_b (log sum_c exp(l_bc) - l_b,y_b), one image at a time."""
+    rows = [math.log(sum(math.exp(v) for v in row.tolist())) - row[y].item()
+            for row, y in zip(logits, labels.tolist(), strict=True)]
+    return sum(rows) / len(rows)
+
+
+def kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> float:
+    """tau^2 * sum over images and classes of p_t (log p_t - log p_s), softmaxes at temperature tau."""
+    total = 0.0
+    for s, t in zip(student.tolist(), teacher.tolist(), strict=True):
+        zs = sum(math.exp(v / tau) for v in s)
+        zt = sum(math.exp(v / tau) for v in t)
+        for vs, vt in zip(s, t, strict=True):
+            pt = math.exp(vt / tau) / zt
+            total += pt * (math.log(pt) - math.log(math.exp(vs / tau) / zs))
+    return tau**2 * total
+
+
+def accuracy_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return sum(int(max(range(len(r)), key=r.__getitem__) == y)
+               for r, y in zip(logits.tolist(), labels.tolist(), strict=True)) / len(labels)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def template_by_hand(backbone, names=NAMES) -> torch.Tensor:
+    return unit(backbone.encode_texts([prompts.template_text(INFO, n) for n in names]).float())
+
+
+def attributes_by_hand(backbone, attrs=ATTRS5) -> list[torch.Tensor]:
+    """Per class: [J, D] unit features of its attribute texts."""
+    return [unit(backbone.encode_texts([prompts.attribute_text(INFO, n, a) for a in al]).float())
+            for n, al in zip(NAMES, attrs, strict=True)]
+
+
+def prompt_method(name: str, backbone, knobs: dict, attributes=None):
+    m = build_method(name, backbone, {name: knobs}, INFO, attributes=attributes)
+    with torch.no_grad():
+        m.ctx.mul_(50)  # a visibly different context than the tiny tower's near-zero default
+    m.scale = 20 * backbone.logit_scale
+    return m
+
+
+def check_stats(stats: dict, expected: dict, total: torch.Tensor, weighted: float):
+    assert set(stats) == {"loss", "acc", *expected}
+    for name, value in expected.items():
+        assert stats[name] == pytest.approx(value, rel=1e-3, abs=1e-9), name
+    assert total.item() == pytest.approx(weighted, rel=1e-5)
+    assert stats["loss"] == pytest.approx(weighted, rel=1e-5)
+
+
+# ---- CoOp ----------------------------------------------------------------------------------------------------
+def test_coop_loss_is_the_cross_entropy_of_scaled_cosines(tiny_backbone):
+    m = prompt_method("coop", tiny_backbone, {})
+    batch = batch_of(tiny_backbone.embed_dim)
+    total, stats = m.loss(batch)
+    text = m.prompt_features(NAMES)[0].detach()
+    logits = torch.stack([torch.stack([m.scale * (f * t).sum() for t in text]) for f in batch["plain"]])
+    ce = cross_entropy_by_hand(logits, batch["labels"])
+    assert ce > 0.1
+    check_stats(stats, {"ce": ce, "acc": accuracy_by_hand(logits, batch["labels"])}, total, ce)
+    assert torch.allclose(m.logits(batch["plain"], NAMES, INFO), logits, atol=1e-4)
+
+
+# ---- CoCoOp --------------------------------------------------------------------------------------------------
+def test_cocoop_shifts_the_context_per_image_through_the_meta_network(tiny_backbone):
+    m = prompt_method("cocoop", tiny_backbone, {"meta_reduction": 8})
+    d = tiny_backbone.embed_dim
+    lin1, lin2 = m.meta_net[0], m.meta_net[2]
+    assert (lin1.in_features, lin1.out_features, lin2.out_features) == (d, d // 8, tiny_backbone.text_width)
+    with torch.no_grad():  # a meta-network whose shift matters
+        lin2.weight.mul_(200)
+    batch = batch_of(d)
+    total, stats = m.loss(batch)
+    rows = []
+    for f in batch["plain"]:  # one image at a time: its own context, its own prompts
+        shift = lin2.weight @ torch.clamp(lin1.weight @ f + lin1.bias, min=0) + lin2.bias
+        text = m.tokens.encode((m.ctx[0] + shift)[None], NAMES)[0].detach()
+        rows.append(m.scale * text @ f)
+    logits = torch.stack(rows)
+    still = m.tokens.encode(m.ctx[:1], NAMES)[0].detach() @ batch["plain"].T
+    assert not torch.allclose(logits, m.scale * still.T, atol=1e-2)  # the shift changes the logits
+    ce = cross_entropy_by_hand(logits, batch["labels"])
+    check_stats(stats, {"ce": ce, "acc": accuracy_by_hand(logits, batch["labels"])}, total, ce)
+    assert torch.allclose(m.logits(batch["plain"], NAMES, INFO), logits, atol=1e-3)
+
+
+def test_cocoop_meta_network_width_and_its_floor(tiny_backbone):
+    d = tiny_backbone.embed_dim
+    assert build_method("cocoop", tiny_backbone, {}, INFO).meta_net[0].out_features == d // 16
+    assert build_method("cocoop", tiny_backbone, {"cocoop": {"meta_reduction": 1}}, INFO).meta_net[0].out_features == d
+    assert build_method("cocoop", tiny_backbone, {"cocoop": {"meta_reduction": 4 * d}},
+                        INFO).meta_net[0].out_features == 1
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(ValueError, match=f"^cocoop.meta_reduction must be a positive integer, got {bad!r}$"):
+            build_method("cocoop", tiny_backbone, {"cocoop": {"meta_reduction": bad}}, INFO)
+
+
+def _uniform(generator, shape, bound):
+    return torch.rand(shape, generator=generator) * (2 * bound) - bound
+
+
+def test_cocoop_reset_draws_nn_linears_default_init_from_the_generator(tiny_backbone):
+    """Context N(0, 0.02), then each Linear's weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), in that order."""
+    m = build_method("cocoop", tiny_backbone, {}, INFO)
+    m.reset_parameters(torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    ctx = torch.randn(1, 4, tiny_backbone.text_width, generator=g) * 0.02
+    assert torch.allclose(m.ctx.detach(), ctx)
+    for layer in (m.meta_net[0], m.meta_net[2]):
+        bound = 1 / math.sqrt(layer.in_features)
+        assert torch.allclose(layer.weight.detach(), _uniform(g, layer.weight.shape, bound), atol=1e-7)
+        assert torch.allclose(layer.bias.detach(), _uniform(g, layer.bias.shape, bound), atol=1e-7)
+
+
+# ---- KgCoOp --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weight", [3.0, 0.5, 0.0])
+def test_kgcoop_loss_is_ce_plus_weight_times_one_minus_cosine_to_the_template(weight, tiny_backbone):
+    m = prompt_method("kgcoop", tiny_backbone, {"weight": weight})
+    batch = batch_of(tiny_backbone.embed_dim)
+    total, stats = m.loss(batch)
+    text = m.prompt_features(NAMES)[0].detach()
+    logits = m.scale * batch["plain"] @ text.T
+    ce = cross_entropy_by_hand(logits, batch["labels"])
+    template = template_by_hand(tiny_backbone)
+    kg = 1 - sum((unit(t) * a).sum().item() for t, a in zip(text, template, strict=True)) / len(NAMES)
+    assert kg > 5e-5  # the tiny tower maps every prompt close to the template: small, yet far above float noise
+    expected = {"ce": ce, "acc": accuracy_by_hand(logits, batch["labels"])}
+    if weight:
+        expected["kg"] = kg
+    check_stats(stats, expected, total, ce + weight * kg)
+
+
+def test_kgcoop_weight_must_be_non_negative(tiny_backbone):
+    with pytest.raises(ValueError, match="^kgcoop.weight must be a number >= 0, got -1.0$"):
+        build_method("kgcoop", tiny_backbone, {"kgcoop": {"weight": -1.0}}, INFO)
+
+
+# ---- BiomedCoOp ----------------------------------------------------------------------------------------------
+def _robust_keep_by_hand(scores: list[float], threshold: float) -> list[int]:
+    def median(v):
+        v = sorted(v)
+        return v[(len(v) - 1) // 2]  # torch.median: the lower of the two middle values
+
+    med = median(scores)
+    mad = median([abs(s - med) for s in scores])
+    return [j for j, s in enumerate(scores) if mad == 0 or abs(s - med) / (1.4826 * mad) <= threshold]
+
+
+def _teacher_by_hand(backbone, scale, shots, prune_z):
+    """Attribute classifier j = attribute j of every class; its score = mean over shots of the max logit."""
+    attr = attributes_by_hand(backbone)
+    classifiers = [torch.stack([a[j] for a in attr]) for j in range(len(ATTRS5[0]))]  # J x [C, D]
+    scores = [max_logits.mean().item() for max_logits in
+              ((scale * shots @ c.T).max(dim=1).values for c in classifiers)]
+    kept = _robust_keep_by_hand(scores, prune_z)
+    return kept, unit(torch.stack([classifiers[j] for j in kept]).mean(0))
+
+
+@pytest.mark.parametrize(("reduction", "tau"), [("reference", 1.0), ("batchmean", 2.0)])
+def test_biomedcoop_loss_equals_an_independent_computation(reduction, tau, tiny_backbone):
+    # the tiny tower's prompts sit close to the attribute means: a large sccm weight makes that term visible
+    knobs = {"sccm_lambda": 40.0, "kdsp_lambda": 1.3, "tau": tau, "kl_reduction": reduction}
+    m = prompt_method("biomedcoop", tiny_backbone, knobs, attributes=ATTRS5)
+    shots, labels = shots_of(tiny_backbone.embed_dim)
+    m.setup(shots, labels)
+    kept, teacher_text = _teacher_by_hand(tiny_backbone, m.scale, shots, 1.5)
+    assert kept == [0, 1, 2, 4]  # one outlier pruned: the test sees whether pruning happens
+    assert m.kept_attributes == kept and m.checkpoint()["meta"]["kept_attributes"] == kept
+
+    batch = batch_of(tiny_backbone.embed_dim)
+    total, stats = m.loss(batch)
+    text = m.prompt_features(NAMES)[0].detach()
+    logits = m.scale * batch["plain"] @ text.T
+    ce = cross_entropy_by_hand(logits, batch["labels"])
+    mean_attr = unit(torch.stack([a.mean(0) for a in attributes_by_hand(tiny_backbone)]))
+    sccm = ((text - mean_attr) ** 2).sum().item() / text.numel()
+    teacher = m.scale * batch["plain"] @ teacher_text.T
+    b, c = logits.shape
+    kdsp = kl_by_hand(logits, teacher, tau) / (b * c if reduction == "reference" else b)
+    assert sccm > 1e-6 and kdsp > 1e-4
+    expected = {"ce": ce, "sccm": sccm, "kdsp": kdsp, "acc": accuracy_by_hand(logits, batch["labels"])}
+    check_stats(stats, expected, total, ce + 40.0 * sccm + 1.3 * kdsp)
+
+
+def test_biomedcoop_prune_threshold_is_the_knob(tiny_backbone):
+    shots, labels = shots_of(tiny_backbone.embed_dim)
+    m = prompt_method("biomedcoop", tiny_backbone, {"prune_z": 0.5}, attributes=ATTRS5)
+    m.setup(shots, labels)
+    kept, _ = _teacher_by_hand(tiny_backbone, m.scale, shots, 0.5)
+    assert m.kept_attributes == kept == [1, 4]
+
+
+def test_biomedcoop_without_kdsp_needs_no_setup_and_without_both_no_attributes(tiny_backbone):
+    batch = batch_of(tiny_backbone.embed_dim)
+    m = prompt_method("biomedcoop", tiny_backbone, {"kdsp_lambda": 0.0, "sccm_lambda": 0.5}, attributes=ATTRS5)
+    m.setup(*shots_of(tiny_backbone.embed_dim))
+    assert m.kept_attributes is None and m._teacher is None
+    _, stats = m.loss(batch)
+    assert set(stats) == {"loss", "ce", "sccm", "acc"}
+    plain = prompt_method("biomedcoop", tiny_backbone, {"kdsp_lambda": 0.0, "sccm_lambda": 0.0})
+    total, stats = plain.loss(batch)
+    assert set(stats) == {"loss", "ce", "acc"} and total.item() == pytest.approx(stats["ce"])
+    for knob in ("kdsp_lambda", "sccm_lambda"):
+        with pytest.raises(ValueError, match="needs attributes by label id"):
+            build_method("biomedcoop", tiny_backbone, {"biomedcoop": {knob: 0.1}}, INFO)
+    m = prompt_method("biomedcoop", tiny_backbone, {"sccm_lambda": 0.0}, attributes=ATTRS5)
+    with pytest.raises(RuntimeError, match=r"^biomedcoop: setup\(\) was not called \(train with biovlm.train.fit\)$"):
+        m.loss(batch)
+
+
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"tau": 0}, "biomedcoop.tau must be > 0, got 0"),
+    ({"kl_reduction": "sum"}, "biomedcoop.kl_reduction must be one of ('batchmean', 'reference'), got 'sum'"),
+    ({"prune_z": -1}, "biomedcoop.prune_z must be a number >= 0, got -1"),
+    ({"sccm_lambda": -1}, "biomedcoop.sccm_lambda must be a number >= 0, got -1"),
+    ({"kdsp_lambda": -1}, "biomedcoop.kdsp_lambda must be a number >= 0, got -1"),
+])
+def test_biomedcoop_knob_errors(knobs, message, tiny_backbone):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_method("biomedcoop", tiny_backbone, {"biomedcoop": knobs}, INFO, attributes=ATTRS5)
+
+
+def test_robust_keep_uses_the_scaled_median_absolute_deviation():
+    from biovlm.methods.biomedcoop import robust_keep
+
+    # median 0, MAD 1: |z| = |s| / 1.4826; 2.2 / 1.4826 = 1.48 is kept at 1.5, 2.3 / 1.4826 = 1.55 is not
+    scores = torch.tensor([-1.0, 0.0, 1.0, 2.2, -2.3])
+    assert robust_keep(scores, 1.5).tolist() == [True, True, True, True, False]
+    assert robust_keep(scores, 1 / 1.4826).tolist() == [True, True, True, False, False]  # |z| = threshold: kept
+    everything = robust_keep(torch.tensor([1.0, 1.0, 1.0, 9.0]), 0.1)  # MAD 0: nothing is an outlier
+    assert everything.dtype == torch.bool and everything.tolist() == [True] * 4  # a mask, not ones to index with
+    assert robust_keep(torch.tensor([1.0, 2.0, 4.0, 9.0]), 1.4).tolist() == [True, True, True, False]  # lower median
+
+
+# ---- CLIP-Adapter --------------------------------------------------------------------------------------------
+def test_clip_adapter_mixes_alpha_of_the_adapter_with_one_minus_alpha_of_the_feature(tiny_backbone):
+    m = build_method("clip_adapter", tiny_backbone, {"clip_adapter": {"alpha": 0.3, "reduction": 8}}, INFO)
+    d = tiny_backbone.embed_dim
+    w1, w2 = m.adapter[0].weight, m.adapter[2].weight
+    assert w1.shape == (d // 8, d) and w2.shape == (d, d // 8)
+    assert m.adapter[0].bias is None and m.adapter[2].bias is None
+    with torch.no_grad():
+        w2.mul_(5)  # an adapter output of a size unlike the unit feature's
+    m.scale = 20 * tiny_backbone.logit_scale
+    batch = batch_of(d)
+    total, stats = m.loss(batch)
+    with torch.no_grad():
+        adapted = torch.stack([unit(0.3 * torch.clamp(w2 @ torch.clamp(w1 @ f, min=0), min=0) + 0.7 * f)
+                               for f in batch["plain"]])
+        assert torch.allclose(m.adapt(batch["plain"]), adapted, atol=1e-6)
+        logits = m.scale * adapted @ template_by_hand(tiny_backbone).T
+    ce = cross_entropy_by_hand(logits, batch["labels"])
+    check_stats(stats, {"ce": ce, "acc": accuracy_by_hand(logits, batch["labels"])}, total, ce)
+    assert torch.allclose(m.logits(batch["plain"], NAMES, INFO), logits, atol=1e-4)
+
+
+def test_clip_adapter_width_init_and_knob_errors(tiny_backbone):
+    d = tiny_backbone.embed_dim
+    m = build_method("clip_adapter", tiny_backbone, {}, INFO)
+    assert m.adapter[0].weight.shape == (d // 4, d)
+    assert isinstance(m.adapter[1], nn.ReLU) and isinstance(m.adapter[3], nn.ReLU)
+    wide = build_method("clip_adapter", tiny_backbone, {"clip_adapter": {"reduction": 2 * d}}, INFO)
+    assert wide.adapter[0].weight.shape == (1, d)
+    m.reset_parameters(torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    for layer in (m.adapter[0], m.adapter[2]):
+        assert torch.allclose(layer.weight.detach(), _uniform(g, layer.weight.shape, 1 / math.sqrt(layer.in_features)),
+                              atol=1e-7)
+    assert build_method("clip_adapter", tiny_backbone, {"clip_adapter": {"alpha": 1}}, INFO).knobs["alpha"] == 1
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match=rf"^clip_adapter.alpha must be in \(0, 1\], got {bad!r}$"):
+            build_method("clip_adapter", tiny_backbone, {"clip_adapter": {"alpha": bad}}, INFO)
+    with pytest.raises(ValueError, match="^clip_adapter.reduction must be a positive integer, got 0$"):
+        build_method("clip_adapter", tiny_backbone, {"clip_adapter": {"reduction": 0}}, INFO)
+
+
+# ---- zero-shot heads -----------------------------------------------------------------------------------------
+def test_zeroshot_logits_are_scaled_cosines_to_the_hand_template(tiny_backbone):
+    m = build_method("zeroshot", tiny_backbone, {}, INFO)
+    f = batch_of(tiny_backbone.embed_dim)["plain"]
+    expected = tiny_backbone.logit_scale * f @ template_by_hand(tiny_backbone).T
+    assert torch.allclose(m.logits(f, NAMES, INFO), expected, atol=1e-5)
+    assert not m.trainable and m.knobs == {}
+
+
+def test_zeroshot_attr_is_the_unit_mean_of_each_class_attribute_features(tiny_backbone):
+    m = build_method("zeroshot_attr", tiny_backbone, {}, INFO, attributes=ATTRS5)
+    f = batch_of(tiny_backbone.embed_dim)["plain"]
+    head = unit(torch.stack([a.mean(0) for a in attributes_by_hand(tiny_backbone)]))
+    expected = tiny_backbone.logit_scale * f @ head.T
+    assert torch.allclose(m.logits(f, NAMES, INFO), expected, atol=1e-5)  # its own attributes by default
+    other = [["thin wall", "thick wall"] for _ in NAMES]
+    head = unit(torch.stack([a.mean(0) for a in attributes_by_hand(tiny_backbone, other)]))
+    assert torch.allclose(m.logits(f, NAMES, INFO, other), tiny_backbone.logit_scale * f @ head.T, atol=1e-5)
+    assert not m.trainable
+    # its own attributes only serve its own class list of its own dataset
+    import dataclasses
+
+    twin = dataclasses.replace(INFO, name="twin")
+    for names, info in ((NAMES, twin), (NAMES[:4], INFO), (NAMES[::-1], INFO)):
+        with pytest.raises(ValueError, match="^method 'zeroshot_attr' needs the attributes of the classes"):
+            m.logits(f, names, info)
+
+
+# ---- linear probe: knobs, fit, logits ------------------------------------------------------------------------
+def test_search_grid_is_coops():
+    from biovlm.methods.linear_probe import SEARCH_GRID
+
+    assert SEARCH_GRID == (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
+
+
+def test_c_search_moves_towards_the_better_end_and_keeps_it():
+    """Accuracy peaks at C = 10^4.6: from the grid's 1e4, each step keeps the better end and the last kept end is
+    returned (not the midpoint)."""
+    from biovlm.methods.linear_probe import search_c
+
+    chosen, tried = search_c(lambda c: -abs(math.log10(c) - 4.6), steps=2)
+    logs = [round(math.log10(c), 6) for c, _ in tried[7:]]
+    assert logs == [3.0, 5.0, 4.0, 5.0]  # [3, 5] -> 5 wins, lo = 4; [4, 5] -> 5 wins again
+    assert chosen == pytest.approx(10**5.0)
+    chosen, tried = search_c(lambda c: -abs(math.log10(c) + 2.2), steps=1)  # peak at 10^-2.2: grid 1e-2
+    assert [round(math.log10(c), 6) for c, _ in tried[7:]] == [-3.0, -1.0]
+    assert chosen == pytest.approx(10**-3.0)  # -3 is 0.8 away, -1 is 1.2 away
+    assert [a for _, a in tried[:7]] == [-abs(e + 2.2) for e in (6, 4, 2, 0, -2, -4, -6)]
+
+
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"C": 0}, "linear_probe.C must be 'search' (chosen on the validation shots) or a number > 0, got 0"),
+    ({"C": True}, "linear_probe.C must be 'search' (chosen on the validation shots) or a number > 0, got True"),
+    ({"C": -1.0}, "linear_probe.C must be 'search' (chosen on the validation shots) or a number > 0, got -1.0"),
+    ({"max_iter": 0}, "linear_probe.max_iter must be a positive integer, got 0"),
+    ({"max_iter": 2.0}, "linear_probe.max_iter must be a positive integer, got 2.0"),
+    ({"search_steps": -1}, "linear_probe.search_steps must be a non-negative integer, got -1"),
+    ({"search_steps": "8"}, "linear_probe.search_steps must be a non-negative integer, got '8'"),
+    ({"tol": -1e-3}, "linear_probe.tol must be > 0, got -0.001"),
+])
+def test_linear_probe_knob_errors(knobs, message, tiny_backbone):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_method("linear_probe", tiny_backbone, {"linear_probe": knobs}, INFO)
+
+
+def test_linear_probe_accepts_edge_knobs(tiny_backbone):
+    m = build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": 1, "max_iter": 1, "search_steps": 0}},
+                     INFO)
+    assert m.knobs["C"] == 1 and m.class_specific and not m.trainable
+
+
+def test_linear_probe_logits_are_sklearns_decision_function_with_its_knobs(tiny_backbone):
+    """max_iter and tol reach sklearn: a probe stopped after 3 iterations equals sklearn stopped there."""
+    import warnings
+
+    feats = synthetic_features(tiny_backbone.embed_dim, INFO.n_classes, shots=3, noise=0.5)
+    knobs = {"C": 50.0, "max_iter": 3, "tol": 1e-3}
+    m = build_method("linear_probe", tiny_backbone, {"linear_probe": knobs}, INFO)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns that 3 iterations do not converge
+        m.setup(feats.pool_clean, feats.pool_labels)
+        clf = LogisticRegression(C=50.0, max_iter=3, tol=1e-3).fit(feats.pool_clean.double().numpy(),
+                                                                     feats.pool_labels.numpy())
+        full = LogisticRegression(C=50.0, max_iter=1000, tol=1e-3).fit(feats.pool_clean.double().numpy(),
+                                                                        feats.pool_labels.numpy())
+    x = feats.test_features
+    expected = clf.decision_function(x.double().numpy())
+    assert not np.allclose(expected, full.decision_function(x.double().numpy()), atol=1e-3)
+    np.testing.assert_allclose(m.logits(x, NAMES, INFO).numpy(), expected, atol=1e-4)
+    assert m.checkpoint()["meta"]["C"] == 50.0 and m.chosen_c == 50.0
+
+
+def test_linear_probe_setup_and_transfer_errors(tiny_backbone):
+    feats = synthetic_features(tiny_backbone.embed_dim, INFO.n_classes, shots=2)
+    m = build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": 1.0}}, INFO)
+    with pytest.raises(RuntimeError, match="^linear probe has not been fitted: run biovlm.train.fit first$"):
+        m.logits(feats.test_features, NAMES, INFO)
+    labels = feats.pool_labels.clone()
+    labels[labels == 3] = 4
+    with pytest.raises(ValueError, match=re.escape("linear probe needs shots of every training class 0..7, got "
+                                                   "[0, 1, 2, 4, 5, 6, 7]")):
+        m.setup(feats.pool_clean, labels)
+    one = build_method("linear_probe", tiny_backbone, {"linear_probe": {"C": 1.0}}, INFO, class_ids=[2])
+    with pytest.raises(ValueError, match="^linear probe needs at least two classes$"):
+        one.setup(feats.pool_clean[:2], torch.zeros(2, dtype=torch.long))
+    m.setup(feats.pool_clean, feats.pool_labels)
+    assert bool(m.fitted)
+    other = get_dataset("pathmnist")
+    with pytest.raises(NotTransferable, match=re.escape(
+            f"linear_probe was trained on bloodmnist classes {NAMES} and cannot classify unseen classes "
+            f"{[NAMES[0]]} of pathmnist")):
+        m.logits(feats.test_features, [NAMES[0]], other)
+
+
+# ---- BioVLM: prediction routes the bank, the reference KL scaling, knob messages -----------------------------
+def test_biovlm_logits_route_the_bank_by_select_ratio(tiny_backbone):
+    m = build_method("biovlm", tiny_backbone, {"biovlm": {"bank_size": 5, "select_ratio": 0.4}}, INFO,
+                     attributes=ATTRS)
+    with torch.no_grad():
+        m.ctx.mul_(50)
+    f = fixed_batch(tiny_backbone.embed_dim, INFO.n_classes)["plain"]
+    text = m.prompt_features(NAMES).detach()
+    expected = []
+    for x in f:
+        members = [(m.scale * text[j] @ x).tolist() for j in range(5)]
+        expected.append(torch.tensor(members)[_keep(members, 0.4)].mean(0))
+    assert torch.allclose(m.logits(f, NAMES, INFO), torch.stack(expected), atol=1e-5)
+
+
+def test_biovlm_reference_kl_divides_by_bank_size_and_classes(tiny_backbone):
+    knobs = {"bank_size": 3, "l_ent": 0.0, "l_cos": 0.0}
+    batch = fixed_batch(tiny_backbone.embed_dim, INFO.n_classes)
+    mean = build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
+    ref = build_method("biovlm", tiny_backbone, {"biovlm": {**knobs, "kl_reduction": "reference"}}, INFO,
+                       attributes=ATTRS)
+    for m in (mean, ref):
+        m.scale = 20 * tiny_backbone.logit_scale
+    a, _ = mean.loss_terms(batch)
+    b, _ = ref.loss_terms(batch)
+    for term in ("kd", "aug"):
+        assert a[term].item() > 1e-4
+        assert b[term].item() == pytest.approx(a[term].item() / (3 * INFO.n_classes), rel=1e-5)
+
+
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"tau": 0}, "biovlm.tau must be > 0, got 0"),
+    ({"kl_reduction": "mean"}, "biovlm.kl_reduction must be one of ('batchmean', 'reference'), got 'mean'"),
+    ({"n_ctx": 0}, "biovlm.n_ctx must be a positive integer, got 0"),
+    ({"l_ent": -1}, "biovlm.l_ent must be a number >= 0, got -1"),
+    ({"l_aug": -1}, "biovlm.l_aug must be a number >= 0, got -1"),
+    ({"l_cos": -1}, "biovlm.l_cos must be a number >= 0, got -1"),
+])
+def test_biovlm_knob_errors(knobs, message, tiny_backbone):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
+
+
+@pytest.mark.parametrize("on", ["l_kd", "l_aug", "l_cos"])
+def test_biovlm_needs_attributes_for_any_attribute_term(on, tiny_backbone):
+    knobs = {"l_kd": 0, "l_aug": 0, "l_cos": 0, on: 0.1}
+    with pytest.raises(ValueError, match="needs attributes by label id"):
+        build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO)
+
+
+@pytest.mark.parametrize(("on", "term"), [("l_kd", "kd"), ("l_aug", "aug"), ("l_cos", "cos")])
+def test_biovlm_each_attribute_term_works_alone(on, term, tiny_backbone):
+    knobs = {"bank_size": 2, "l_ent": 0, "l_kd": 0, "l_aug": 0, "l_cos": 0, on: 0.5}
+    m = build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
+    terms, _ = m.loss_terms(fixed_batch(tiny_backbone.embed_dim, INFO.n_classes))
+    assert set(terms) == {"ce", term}
+
+
+@pytest.mark.parametrize(("off", "teacher_views"), [("l_kd", [2]), ("l_aug", [1])])
+def test_biovlm_a_zero_weight_teacher_is_not_computed(off, teacher_views, tiny_backbone, monkeypatch):
+    """As the module says, a weight of 0 removes its term and it is not computed: the unused teacher is never built."""
+    m = build_method("biovlm", tiny_backbone, {"biovlm": {"bank_size": 2, off: 0}}, INFO, attributes=ATTRS)
+    calls = []
+    real = m.teacher_logits
+    monkeypatch.setattr(m, "teacher_logits", lambda views, c: calls.append(len(views)) or real(views, c))
+    m.loss_terms(fixed_batch(tiny_backbone.embed_dim, INFO.n_classes))
+    assert calls == teacher_views

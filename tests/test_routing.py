@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -86,3 +87,46 @@ def test_gradient_flows_only_into_kept_members():
     assert logits.grad[0, :, 0].tolist() == [0.5, 0.0, 0.5, 0.0]
     _, kept = route_members(logits, 0.5)
     assert torch.equal(kept_logits(logits, kept), logits[:, [0, 2]])
+
+
+def test_ties_are_broken_by_member_index_even_in_a_large_bank():
+    """A stable sort: an unstable one reorders equal entropies once the bank is large (here 3000 members)."""
+    _, kept = route_members(torch.zeros(2, 3000, 4), 0.5)
+    assert torch.equal(kept, torch.arange(1500).expand(2, -1))
+
+
+def test_at_least_one_member_is_kept_for_a_tiny_ratio():
+    assert n_keep(4, 1e-12) == 1  # ceil(4e-12 - 1e-9) would be 0
+    assert n_keep(1, 1.0) == 1 and n_keep(1000, 0.001) == 1 and n_keep(1000, 0.0011) == 2
+
+
+@pytest.mark.parametrize("ratio", [0, 1.01, float("nan"), "0.5", None])
+def test_ratio_error_message(ratio):
+    with pytest.raises(ValueError, match=rf"^routing ratio must be in \(0, 1\], got {re.escape(repr(ratio))}$"):
+        n_keep(4, ratio)
+
+
+def test_an_empty_bank_is_refused():
+    with pytest.raises(ValueError, match="^routing needs at least one member, got 0$"):
+        n_keep(0, 0.5)
+    with pytest.raises(ValueError, match="^routing needs at least one member, got 0$"):
+        route(torch.zeros(2, 0, 3), 0.5)
+    with pytest.raises(ValueError, match=r"^member_logits must be \[B, M, C\], got shape \(2, 3, 4, 1\)$"):
+        route(torch.zeros(2, 3, 4, 1), 0.5)
+
+
+def test_entropy_is_over_the_class_axis_in_float32():
+    """Half-precision logits (autocast) are ranked by float32 entropies; each member's entropy is over its C classes."""
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]]])
+    p = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits[0].tolist()]
+    expected = [-sum(q * math.log(q) for q in row) for row in p]
+    ent = member_entropy(logits.half())
+    assert ent.dtype == torch.float32 and ent.shape == (1, 2)
+    assert ent[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kept_members_are_listed_by_increasing_entropy():
+    logits = torch.tensor([[_member(1.0), _member(0.0), _member(9.0), _member(4.0)]])
+    out, kept = route_members(logits, 1.0)
+    assert kept.tolist() == [[2, 3, 0, 1]]
+    assert torch.allclose(out, logits.mean(dim=1))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biovlm.methods.base import PromptMethod, accuracy, cosine_logits
+from biovlm.methods.base import PromptMethod, accuracy, check_positive_int, cosine_logits
 
 
 class CoCoOp(PromptMethod):
@@ -24,9 +24,7 @@ class CoCoOp(PromptMethod):
         self.meta_net.to(self.device)
 
     def validate_knobs(self) -> None:
-        r = self.knobs["meta_reduction"]
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"cocoop.meta_reduction must be a positive integer, got {r!r}")
+        check_positive_int(self.name, self.knobs, "meta_reduction")
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         super().reset_parameters(generator)

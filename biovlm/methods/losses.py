@@ -17,7 +17,7 @@ def entropy_of_mean(member_logits: torch.Tensor) -> torch.Tensor:
     """
     logp = member_logits.float().log_softmax(dim=-1)
     mean_logp = torch.logsumexp(logp, dim=1) - math.log(member_logits.shape[1])
-    return -(mean_logp.exp() * mean_logp).sum(dim=-1).mean()
+    return -(mean_logp.exp() * mean_logp).sum(dim=1).mean()  # [B, C]: classes are axis 1
 
 
 def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0,
@@ -33,8 +33,8 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: 
         raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
     if tau <= 0:
         raise ValueError(f"KL temperature tau must be > 0, got {tau}")
-    log_s = (student_logits.float() / tau).log_softmax(dim=-1)
-    log_t = (teacher_logits.detach().float() / tau).log_softmax(dim=-1)
+    log_s = (student_logits.float() / tau).log_softmax(dim=1)  # [B, C]: classes are axis 1
+    log_t = (teacher_logits.detach().float() / tau).log_softmax(dim=1)
     total = F.kl_div(log_s, log_t, reduction="sum", log_target=True) * tau**2
     b, c = student_logits.shape
     return total / (b if reduction == "batchmean" else b * n_members * c)
