@@ -155,7 +155,8 @@ def test_attributes_of_a_model_without_cache_or_key_fail_before_writing(tmp_path
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    write_params(tmp_path / "params.yaml", **{"llm.model": "some-model", "llm.cache_dir": "cache"})
+    write_params(tmp_path / "params.yaml", **{"profiles.demo.llm.source": "llm", "llm.model": "some-model",
+                                              "llm.cache_dir": "cache"})
     with pytest.raises(MissingAPIKeyError, match=r"^10 of 10 attribute requests for model 'some-model' are not in "
                                                  r"the cache cache and OPENAI_API_KEY is not set\. Missing:\n"):
         attributes.main(["--out", "out"])
