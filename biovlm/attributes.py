@@ -336,8 +336,8 @@ def query_datasets(datasets: list[str], model: str, n: int = DEFAULT_N, cache_di
         raise MissingAPIKeyError(
             f"{len(misses)} of {len(reqs)} attribute requests for model {model!r} are not in the cache "
             f"{cache_dir} and OPENAI_API_KEY is not set. Missing:\n{listing}\n"
-            f"Set OPENAI_API_KEY (and OPENAI_BASE_URL for a non-OpenAI server), or set llm.model to null to use "
-            f"the curated attributes.")
+            f"Set OPENAI_API_KEY (and OPENAI_BASE_URL for a non-OpenAI server), or use another source: "
+            f"llm.source=reference or curated with llm.model=null.")
     if misses:
         client = client or make_client(timeout)
         log.info("querying %d of %d attribute requests from %s", len(misses), len(reqs), model)
