@@ -205,6 +205,10 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
             if len(table.attributes) != info.n_classes:
                 raise InputError(f"{fpath} holds attributes for {len(table.attributes)} classes, {ds} has "
                                  f"{info.n_classes}; rerun the attributes and filter stages")
+            if table.class_names != list(info.prompt_names):
+                raise InputError(f"{fpath} was built for the class names {table.class_names}, data.class_names "
+                                 f"{info.class_names!r} names them {list(info.prompt_names)}; rerun the attributes "
+                                 f"and filter stages")
             if not np.array_equal(table.pool_indices, feats.pool_indices):
                 raise InputError(f"{fpath} scores other pool images than {path}; rerun the filter stage "
                                  f"(dvc repro filter)")
