@@ -273,6 +273,11 @@ def test_curated_attributes_load_by_label_id_under_either_class_names():
     assert rec["classes"] == ["malignant", "benign"] and rec["attributes"] == A.curated("breastmnist")
 
 
+def test_an_unknown_source_is_refused_by_build_records():
+    with pytest.raises(ValueError, match=r"^unknown attribute source 'web'; valid: reference, curated, llm$"):
+        A.build_records(["breastmnist"], {"source": "web"})
+
+
 def test_the_paper_config_uses_reference_names_and_attributes_the_demo_keeps_its_own(tmp_path):
     paper = load_config(COMMITTED_PARAMS)
     assert paper["data"]["class_names"] == "reference" and paper["llm"]["source"] == "reference"

@@ -237,6 +237,14 @@ def test_filter_errors_name_every_missing_input_and_stale_attributes(built, tmp_
         "filter: error: attrs/breastmnist.json lists classes ['benign', 'malignant'], expected "
         "['malignant', 'normal, benign']: rerun the attributes stage")
     assert list((tmp_path / "tables").iterdir()) == []
+    # the built (medmnist-named) attributes after a switch to the reference class names: refused as well
+    write_params(tmp_path / "params.yaml", **{"profiles.demo.data.class_names": "reference"})
+    argv = ["--attributes", str(built / "data" / "attributes"), "--features", str(built / "features"),
+            "--out", "tables"]
+    assert stage_error(capsys, "filter", filter_stage.main, argv) == (
+        f"filter: error: {built / 'data' / 'attributes'}/breastmnist.json lists classes ['malignant', "
+        f"'normal, benign'], expected ['malignant', 'benign']: rerun the attributes stage")
+    assert list((tmp_path / "tables").iterdir()) == []
 
 
 def test_train_writes_results_environment_and_curves_of_every_method(built):
