@@ -1,10 +1,12 @@
 """Class attributes: the shipped curated set, and live LLM querying through a committed response cache.
 
 Attributes are short visual descriptions of a class ("large empty polygonal spaces left by dissolved fat") that
-BioVLM pairs with the class name in "<modality> of <class>, which has <attribute>". Two sources:
+BioVLM pairs with the class name in "<modality> of <class>, which has <attribute>". Three sources
+(``llm.source``):
 
 - ``curated(dataset)``: attributes written by this project from domain knowledge and shipped in
-  ``biovlm/resources/curated_attributes.json``, keyed by dataset and label id (never by fuzzy names). The default.
+  ``biovlm/resources/curated_attributes.json``, keyed by dataset and label id (never by fuzzy names).
+- ``reference``: the paper's published attributes, downloaded and sha256-verified (``biovlm.reference``).
 - ``query(dataset, model, ...)``: asks an OpenAI-compatible chat endpoint (``openai`` package; ``OPENAI_API_KEY``
   and ``OPENAI_BASE_URL``) for N attributes per class in JSON mode, parses strictly, retries 429/5xx/timeouts with
   exponential backoff, and stores every accepted answer in a content-addressed cache (one JSON file per request,
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_N = 10
 MAX_CHARS = 120  # an attribute is a short phrase; longer items are rejected as prose
 CURATED_RESOURCE = "curated_attributes.json"
+SOURCES = ("reference", "curated", "llm")
 
 
 class AttributeResponseError(ValueError):
@@ -129,11 +132,12 @@ def _curated_file() -> dict:
     return json.loads(resources.files("biovlm").joinpath("resources", CURATED_RESOURCE).read_text("utf-8"))
 
 
-def curated(dataset: str, n: int = DEFAULT_N) -> list[list[str]]:
-    """The shipped curated attributes of ``dataset``, indexed by label id (first ``n`` of each class)."""
+def curated(dataset: str, n: int = DEFAULT_N, class_names: str = "medmnist") -> list[list[str]]:
+    """The shipped curated attributes of ``dataset``, indexed by label id (first ``n`` of each class); they are
+    checked against the prompt names ``class_names`` (see ``clean_attributes``)."""
     from biovlm.data import get_dataset
 
-    info = get_dataset(dataset)
+    info = get_dataset(dataset, class_names)
     doc = _curated_file()
     if dataset not in doc["datasets"]:
         raise ValueError(f"no curated attributes for {dataset!r}; the file covers {sorted(doc['datasets'])}")
@@ -186,15 +190,15 @@ class Request:
 
 
 def plan(dataset: str, model: str, n: int = DEFAULT_N, temperature: float = 0.0,
-         seed: int | None = 0) -> list[Request]:
-    """One request per class of ``dataset``, in label order."""
+         seed: int | None = 0, class_names: str = "medmnist") -> list[Request]:
+    """One request per class of ``dataset``, in label order, about the prompt names ``class_names``."""
     from biovlm.data import get_dataset
 
     if not model:
         raise ValueError("an LLM model name is required to query attributes (llm.model)")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    info = get_dataset(dataset)
+    info = get_dataset(dataset, class_names)
     reqs = []
     for label, name in enumerate(info.prompt_names):
         body = {"model": model, "messages": build_messages(info.modality, name, n),
@@ -316,14 +320,15 @@ def make_client(timeout: float):
 
 def query_datasets(datasets: list[str], model: str, n: int = DEFAULT_N, cache_dir: str | Path = "attributes/cache",
                    *, temperature: float = 0.0, seed: int | None = 0, max_retries: int = 4,
-                   timeout: float = 60.0, backoff: float = 1.0, client=None) -> dict[str, list[list[str]]]:
+                   timeout: float = 60.0, backoff: float = 1.0, client=None,
+                   class_names: str = "medmnist") -> dict[str, list[list[str]]]:
     """Attributes of every class of every dataset, from the cache where present and from the endpoint otherwise.
 
     The cache is read (and checked) for all requests first; misses without ``OPENAI_API_KEY`` (and without an
     explicit ``client``) raise ``MissingAPIKeyError`` once, listing every missing (dataset, class)."""
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-    reqs = [r for ds in datasets for r in plan(ds, model, n, temperature, seed)]
+    reqs = [r for ds in datasets for r in plan(ds, model, n, temperature, seed, class_names)]
     found = {r.key: read_cache(cache_dir, r) for r in reqs}
     misses = [r for r in reqs if found[r.key] is None]
     if misses and client is None and not os.environ.get("OPENAI_API_KEY"):
@@ -331,8 +336,8 @@ def query_datasets(datasets: list[str], model: str, n: int = DEFAULT_N, cache_di
         raise MissingAPIKeyError(
             f"{len(misses)} of {len(reqs)} attribute requests for model {model!r} are not in the cache "
             f"{cache_dir} and OPENAI_API_KEY is not set. Missing:\n{listing}\n"
-            f"Set OPENAI_API_KEY (and OPENAI_BASE_URL for a non-OpenAI server), or set llm.model to null to use "
-            f"the curated attributes.")
+            f"Set OPENAI_API_KEY (and OPENAI_BASE_URL for a non-OpenAI server), or use another source: "
+            f"llm.source=reference or curated with llm.model=null.")
     if misses:
         client = client or make_client(timeout)
         log.info("querying %d of %d attribute requests from %s", len(misses), len(reqs), model)
@@ -350,31 +355,41 @@ def query_datasets(datasets: list[str], model: str, n: int = DEFAULT_N, cache_di
 
 def query(dataset: str, model: str, n: int = DEFAULT_N, cache_dir: str | Path = "attributes/cache", *,
           temperature: float = 0.0, seed: int | None = 0, max_retries: int = 4, timeout: float = 60.0,
-          backoff: float = 1.0, client=None) -> list[list[str]]:
+          backoff: float = 1.0, client=None, class_names: str = "medmnist") -> list[list[str]]:
     """The ``n`` attributes of every class of ``dataset`` (indexed by label id) from ``model``, via the cache."""
     return query_datasets([dataset], model, n, cache_dir, temperature=temperature, seed=seed,
-                          max_retries=max_retries, timeout=timeout, backoff=backoff, client=client)[dataset]
+                          max_retries=max_retries, timeout=timeout, backoff=backoff, client=client,
+                          class_names=class_names)[dataset]
 
 
 # ---------------------------------------------------------------------------------------------------- records
 
 
-def build_records(datasets: list[str], llm: dict, **kwargs) -> dict[str, dict]:
-    """The per-dataset attribute records the ``attributes`` stage writes, from the ``llm`` config section:
-    ``llm.model`` null or empty selects the curated attributes, anything else live querying through the cache."""
+def build_records(datasets: list[str], llm: dict, class_names: str = "medmnist", **kwargs) -> dict[str, dict]:
+    """The per-dataset attribute records the ``attributes`` stage writes, from the ``llm`` config section and the
+    prompt names ``class_names`` (``data.class_names``). ``llm.source`` picks the source; without it, ``llm.model``
+    null or empty selects the curated attributes, anything else live querying through the cache."""
+    from biovlm import reference
     from biovlm.data import get_dataset
 
     model = llm.get("model") or None
+    source = llm.get("source") or ("llm" if model else "curated")
     n = int(llm.get("n", DEFAULT_N))
-    if model is None:
-        attrs = {ds: curated(ds, n) for ds in datasets}
+    if source not in SOURCES:
+        raise ValueError(f"unknown attribute source {source!r}; valid: {', '.join(SOURCES)}")
+    if source == "curated":
+        attrs = {ds: curated(ds, n, class_names) for ds in datasets}
+    elif source == "reference":
+        attrs = {ds: reference.load(ds, n, class_names) for ds in datasets}
     else:
         attrs = query_datasets(datasets, model, n, llm.get("cache_dir", "attributes/cache"),
                                temperature=float(llm.get("temperature", 0.0)), seed=llm.get("seed", 0),
                                max_retries=int(llm.get("max_retries", 4)), timeout=float(llm.get("timeout", 60.0)),
-                               backoff=float(llm.get("backoff", 1.0)), **kwargs)
-    return {ds: {"dataset": ds, "source": "llm" if model else "curated", "model": model,
-                 "classes": list(get_dataset(ds).prompt_names), "attributes": attrs[ds]} for ds in datasets}
+                               backoff=float(llm.get("backoff", 1.0)), class_names=class_names, **kwargs)
+    extra = {"commit": reference.COMMIT} if source == "reference" else {}
+    return {ds: {"dataset": ds, "source": source, "model": model if source == "llm" else None, **extra,
+                 "classes": list(get_dataset(ds, class_names).prompt_names), "attributes": attrs[ds]}
+            for ds in datasets}
 
 
 def load_attributes(path: str | Path) -> dict:

@@ -29,6 +29,8 @@ METHODS = ("zeroshot", "zeroshot_attr", "coop", "cocoop", "kgcoop", "biomedcoop"
 BACKBONES = ("biomedclip", "biomedclip-random", "tiny", "tiny-pretrained", "tiny-clip")
 PROFILE_FIXED = ("datasets", "methods")  # read by dvc.yaml's foreach, so a profile cannot change them
 KL_REDUCTIONS = ("batchmean", "reference")
+ATTRIBUTE_SOURCES = ("reference", "curated", "llm")  # biovlm.attributes.SOURCES (no import: it is not needed here)
+CLASS_NAMES = ("reference", "medmnist")  # biovlm.data.CLASS_NAMES
 
 # Where the stages read and write (relative to the repository root; dvc.yaml names the same paths).
 ATTRIBUTES_DIR = Path("data/attributes")
@@ -108,16 +110,16 @@ METHOD_KNOBS: dict[str, dict[str, Any]] = {
 
 _SECTION_RULES: dict[str, dict[str, Any]] = {
     "data": {"root": _str, "size": _choice(28, 64, 128, 224), "synthetic": lambda v: isinstance(v, bool),
-             "synthetic_n": None, "synthetic_seed": _int},
+             "synthetic_n": None, "synthetic_seed": _int, "class_names": _choice(*CLASS_NAMES)},
     "backbone": {"name": _str, "device": _str, "cache_dir": lambda v: v is None or isinstance(v, str),
                  "threads": lambda v: v is None or _pos_int(v)},
     "features": {"views": _pos_int, "batch_size": _pos_int, "seed": _int, "max_shots": _pos_int},
     "fewshot": {"shots": None},
     "base2new": {"shots": _pos_int},
     "crossdata": {"sources": None, "shots": _pos_int},
-    "llm": {"model": lambda v: v is None or isinstance(v, str), "n": _pos_int, "temperature": _nonneg,
-            "seed": lambda v: v is None or _int(v), "max_retries": _nonneg_int, "timeout": _pos, "backoff": _nonneg,
-            "cache_dir": _str},
+    "llm": {"source": _choice(*ATTRIBUTE_SOURCES), "model": lambda v: v is None or isinstance(v, str),
+            "n": _pos_int, "temperature": _nonneg, "seed": lambda v: v is None or _int(v),
+            "max_retries": _nonneg_int, "timeout": _pos, "backoff": _nonneg, "cache_dir": _str},
     "filter": {"keep": _pos_int},
     "train": {"epochs": _pos_int, "lr": _pos, "momentum": lambda v: _num(v) and 0 <= v < 1,
               "weight_decay": _nonneg, "warmup_epochs": _nonneg_int, "warmup_lr": _nonneg,
@@ -125,7 +127,7 @@ _SECTION_RULES: dict[str, dict[str, Any]] = {
 }
 _EXPECT_CUSTOM = {"data.size": "one of 28, 64, 128, 224", "data.synthetic": "true or false",
                   "backbone.cache_dir": "null or a folder", "backbone.threads": "null or a positive integer",
-                  "llm.model": "null (curated attributes) or a model name",
+                  "llm.model": "null or a model name",
                   "llm.seed": "null or an integer", "train.momentum": "a number in [0, 1)",
                   "linear_probe.C": "'search' or a number > 0"}
 
@@ -349,6 +351,12 @@ def validate(cfg: dict) -> None:
               f"raise features.max_shots to {biggest} or lower {where}")
     biggest = max(biggest, pool)  # the features stage samples max_shots per class
 
+    source, model = cfg["llm"].get("source"), cfg["llm"].get("model")
+    if source == "llm" and not model:
+        _fail(cfg, "llm.model", model, "a model name when llm.source is llm")
+    if source in ("reference", "curated") and model:
+        _fail(cfg, "llm.model", model, f"null when llm.source is {source}",
+              "set llm.source=llm to query that model, or llm.model=null")
     if cfg["filter"]["keep"] > cfg["llm"]["n"]:
         _fail(cfg, "filter.keep", cfg["filter"]["keep"], f"at most llm.n = {cfg['llm']['n']} (attributes per class)")
 
@@ -400,6 +408,13 @@ def raw_dir(cfg: Mapping, dataset: str) -> Path:
     (kept apart so that switching profiles never mixes them, and neither is re-downloaded or regenerated)."""
     folder = Path(cfg["data"]["root"]) / dataset
     return folder / "synthetic" if cfg["data"]["synthetic"] else folder
+
+
+def dataset_info(cfg: Mapping, dataset: str):
+    """The registry entry of ``dataset`` with the prompt names of ``data.class_names`` (default: medmnist's)."""
+    from biovlm.data import get_dataset
+
+    return get_dataset(dataset, cfg["data"].get("class_names", "medmnist"))
 
 
 def feature_path(dataset: str) -> Path:

@@ -18,7 +18,7 @@ import mmap
 import os
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -44,10 +44,41 @@ _MODALITY = {
     "organsmnist": ("abdominal CT in sagittal view", "{}"),
 }
 
+# The class names as the paper's public code prompts them: the class keys of its attribute files
+# (attributes_medmnist/<dataset>.json, see biovlm/reference.py), written here in label-id order. They differ from
+# medmnist's texts for dermamnist (label 2), retinamnist (all: grades 0..4 as words), breastmnist (label 1) and
+# tissuemnist (all: lower case, "and" for the comma); a test checks them against the files' keys.
+_ORGANS = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left",
+           "lung-right", "pancreas", "spleen")
+REFERENCE_NAMES: dict[str, tuple[str, ...]] = {
+    "pathmnist": ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal colon mucosa",
+                  "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
+    "dermamnist": ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis",
+                   "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions"),
+    "octmnist": ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+    "pneumoniamnist": ("normal", "pneumonia"),
+    "retinamnist": ("normal retina", "mild diabetic retinopathy", "moderate diabetic retinopathy",
+                    "severe diabetic retinopathy", "proliferative diabetic retinopathy"),
+    "breastmnist": ("malignant", "benign"),
+    "bloodmnist": ("basophil", "eosinophil", "erythroblast",
+                   "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "lymphocyte", "monocyte",
+                   "neutrophil", "platelet"),
+    "tissuemnist": ("collecting duct and connecting tubule", "distal convoluted tubule", "glomerular endothelial cells",
+                    "interstitial endothelial cells", "leukocytes", "podocytes", "proximal tubule segments",
+                    "thick ascending limb"),
+    "organamnist": _ORGANS,
+    "organcmnist": _ORGANS,
+    "organsmnist": _ORGANS,
+}
+# data.class_names in params.yaml: which names the prompts use. "medmnist": medmnist's label texts (class_format
+# applied); "reference": REFERENCE_NAMES.
+CLASS_NAMES = ("reference", "medmnist")
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """One benchmark dataset. ``classes`` are medmnist's label texts in label order (never retyped)."""
+    """One benchmark dataset. ``classes`` are medmnist's label texts in label order (never retyped);
+    ``reference_names`` the paper's names in the same order; ``class_names`` says which of the two prompts use."""
 
     name: str
     classes: tuple[str, ...]
@@ -56,6 +87,8 @@ class DatasetInfo:
     modality: str
     n_samples: Mapping[str, int] = field(hash=False)
     class_format: str = "{}"
+    reference_names: tuple[str, ...] = ()
+    class_names: str = "medmnist"
 
     @property
     def n_classes(self) -> int:
@@ -63,7 +96,9 @@ class DatasetInfo:
 
     @property
     def prompt_names(self) -> tuple[str, ...]:
-        """Class names as they appear in text prompts (``class_format`` applied)."""
+        """Class names as they appear in text prompts: medmnist's (``class_format`` applied) or the reference's."""
+        if self.class_names == "reference":
+            return self.reference_names
         return tuple(self.class_format.format(c) for c in self.classes)
 
 
@@ -94,6 +129,7 @@ def _build_registry() -> dict[str, DatasetInfo]:
             modality=modality,
             n_samples=dict(entry["n_samples"]),
             class_format=class_format,
+            reference_names=REFERENCE_NAMES[name],
         )
     return registry
 
@@ -101,10 +137,14 @@ def _build_registry() -> dict[str, DatasetInfo]:
 DATASETS: dict[str, DatasetInfo] = _build_registry()
 
 
-def get_dataset(name: str) -> DatasetInfo:
-    """The registry entry for ``name``; anything else (chestmnist, 3D sets, typos) is a clear error."""
+def get_dataset(name: str, class_names: str = "medmnist") -> DatasetInfo:
+    """The registry entry for ``name`` with the prompt names ``class_names`` ("medmnist" or "reference"); anything
+    else (chestmnist, 3D sets, typos) is a clear error."""
+    if class_names not in CLASS_NAMES:
+        raise ValueError(f"unknown class names {class_names!r}; valid: {', '.join(CLASS_NAMES)}")
     if name in DATASETS:
-        return DATASETS[name]
+        info = DATASETS[name]
+        return info if info.class_names == class_names else replace(info, class_names=class_names)
     why = " (multi-label: not part of this single-label benchmark)" if name == "chestmnist" else ""
     raise ValueError(f"unknown dataset {name!r}{why}; valid names: {', '.join(DATASETS)}")
 

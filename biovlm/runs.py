@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from biovlm.config import FEATURES_DIR, FILTERED_DIR, all_shots, crossdata_sources, feature_path
+from biovlm.config import FEATURES_DIR, FILTERED_DIR, all_shots, crossdata_sources, dataset_info, feature_path
 from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
 
 # Source files whose change invalidates finished runs (backbone changes also reach runs through the features).
@@ -163,8 +163,6 @@ def expected_feature_meta(cfg: Mapping, dataset: str) -> dict:
 def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_dir: str | Path | None = FILTERED_DIR,
                 datasets: Sequence[str] | None = None) -> dict[str, DatasetInputs]:
     """Load and check the feature file and confidence table of every dataset, before any training."""
-    from biovlm.data import get_dataset
-
     datasets = list(datasets or cfg["datasets"])
     paths = {ds: Path(features_dir) / feature_path(ds).name for ds in datasets}
     missing = [str(p) for p in paths.values() if not p.exists()]
@@ -184,7 +182,7 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
     need_k, seeds = max(all_shots(cfg)), list(cfg["seeds"])
     inputs = {}
     for ds in datasets:
-        info, path = get_dataset(ds), paths[ds]
+        info, path = dataset_info(cfg, ds), paths[ds]
         try:
             feats = load_features(path, expect=expected_feature_meta(cfg, ds))
         except (ValueError, KeyError) as e:
@@ -207,6 +205,10 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
             if len(table.attributes) != info.n_classes:
                 raise InputError(f"{fpath} holds attributes for {len(table.attributes)} classes, {ds} has "
                                  f"{info.n_classes}; rerun the attributes and filter stages")
+            if table.class_names != list(info.prompt_names):
+                raise InputError(f"{fpath} was built for the class names {table.class_names}, data.class_names "
+                                 f"{info.class_names!r} names them {list(info.prompt_names)}; rerun the attributes "
+                                 f"and filter stages")
             if not np.array_equal(table.pool_indices, feats.pool_indices):
                 raise InputError(f"{fpath} scores other pool images than {path}; rerun the filter stage "
                                  f"(dvc repro filter)")

@@ -1,7 +1,9 @@
 """DVC stage ``attributes``: write ``data/attributes/<dataset>.json`` for every dataset in params.yaml.
 
-``llm.model: null`` (the default) writes the shipped curated attributes, offline; a model name queries it through
-the committed response cache ``llm.cache_dir`` (OPENAI_API_KEY / OPENAI_BASE_URL needed only on cache misses).
+``llm.source`` picks them: ``reference`` (the paper's published files, downloaded once into ``$BIOVLM_CACHE`` and
+sha256-checked), ``curated`` (shipped, offline) or ``llm`` (``llm.model`` queried through the committed response
+cache ``llm.cache_dir``; OPENAI_API_KEY / OPENAI_BASE_URL needed only on cache misses). The class names in the
+records (and in every prompt) are those of ``data.class_names``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = load_config(args.params)
     llm = cfg["llm"]
-    print(f"attributes: {describe_profile(cfg)}; source: {llm['model'] or 'curated'}")
-    records = build_records(cfg["datasets"], llm)  # every error is a ValueError/RuntimeError: see stage_main
+    source = llm.get("source") or ("llm" if llm["model"] else "curated")
+    names = cfg["data"].get("class_names", "medmnist")
+    print(f"attributes: {describe_profile(cfg)}; source: {llm['model'] if source == 'llm' else source}; "
+          f"class names: {names}")
+    records = build_records(cfg["datasets"], llm, names)  # every error is a ValueError/RuntimeError: see stage_main
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for ds, rec in records.items():

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from biovlm import config
 from biovlm.attributes import load_attributes
-from biovlm.data import get_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for ds in cfg["datasets"]:
-        info = get_dataset(ds)
+        info = config.dataset_info(cfg, ds)
         rec = load_attributes(Path(args.attributes) / f"{ds}.json")
         if rec["classes"] != list(info.prompt_names):
             raise ValueError(f"{args.attributes}/{ds}.json lists classes {rec['classes']}, expected "

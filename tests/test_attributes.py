@@ -363,7 +363,7 @@ def test_build_records_curated_default_and_llm(endpoint, tmp_path):
 # ------------------------------------------------------------------------------------------ stage
 
 
-def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None):
+def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None, class_names: str = "medmnist"):
     import subprocess
     import sys
 
@@ -373,6 +373,7 @@ def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None):
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load(COMMITTED_PARAMS.read_text())
     params["llm"].update(llm)
+    params["data"]["class_names"] = class_names
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
     if env_key:
@@ -383,7 +384,7 @@ def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None):
 
 
 def test_stage_writes_curated_records_offline(tmp_path):
-    proc = run_stage(tmp_path, {"model": None})
+    proc = run_stage(tmp_path, {"source": "curated", "model": None})
     assert proc.returncode == 0, proc.stderr
     files = sorted(p.stem for p in (tmp_path / "out").glob("*.json"))
     assert files == sorted(DATASETS)
@@ -393,7 +394,7 @@ def test_stage_writes_curated_records_offline(tmp_path):
 
 
 def test_stage_without_key_fails_once_with_the_missing_list(tmp_path):
-    proc = run_stage(tmp_path, {"model": "some-model", "cache_dir": str(tmp_path / "cache")})
+    proc = run_stage(tmp_path, {"source": "llm", "model": "some-model", "cache_dir": str(tmp_path / "cache")})
     assert proc.returncode != 0
     assert "attributes: error:" in proc.stderr and "78 of 78" in proc.stderr
     assert "organsmnist[10] 'spleen'" in proc.stderr and "Traceback" not in proc.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,11 @@ def test_mismatched_feature_files_fail_before_training(tiny_backbone, synthetic_
         runs.load_inputs(small_config(**{**ok, "backbone.name": "tiny-pretrained"}), feats, filtered)
     with pytest.raises(runs.InputError, match=r"seeds \[1\] up to K=4, but params.yaml asks for seeds \[1, 2\]"):
         runs.load_inputs(small_config(**{**ok, "seeds": [1, 2]}), feats, filtered)
+    message = (f"{filtered / 'breastmnist.json'} was built for the class names ['malignant', 'normal, benign'], "
+               f"data.class_names 'reference' names them ['malignant', 'benign']; rerun the attributes and filter "
+               f"stages")
+    with pytest.raises(runs.InputError, match=f"^{re.escape(message)}$"):
+        runs.load_inputs(small_config(**{**ok, "profiles.demo.data.class_names": "reference"}), feats, filtered)
     table = load_table(filtered / "bloodmnist.json")
     save_table(ConfidenceTable(**{**vars(table), "attributes": table.attributes[:3]}), filtered / "bloodmnist.json")
     with pytest.raises(runs.InputError, match=r"attributes for 3 classes, bloodmnist has 8"):

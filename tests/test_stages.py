@@ -155,7 +155,8 @@ def test_attributes_of_a_model_without_cache_or_key_fail_before_writing(tmp_path
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    write_params(tmp_path / "params.yaml", **{"llm.model": "some-model", "llm.cache_dir": "cache"})
+    write_params(tmp_path / "params.yaml", **{"profiles.demo.llm.source": "llm", "llm.model": "some-model",
+                                              "llm.cache_dir": "cache"})
     with pytest.raises(MissingAPIKeyError, match=r"^10 of 10 attribute requests for model 'some-model' are not in "
                                                  r"the cache cache and OPENAI_API_KEY is not set\. Missing:\n"):
         attributes.main(["--out", "out"])
@@ -235,6 +236,14 @@ def test_filter_errors_name_every_missing_input_and_stale_attributes(built, tmp_
     assert stage_error(capsys, "filter", filter_stage.main, argv) == (
         "filter: error: attrs/breastmnist.json lists classes ['benign', 'malignant'], expected "
         "['malignant', 'normal, benign']: rerun the attributes stage")
+    assert list((tmp_path / "tables").iterdir()) == []
+    # the built (medmnist-named) attributes after a switch to the reference class names: refused as well
+    write_params(tmp_path / "params.yaml", **{"profiles.demo.data.class_names": "reference"})
+    argv = ["--attributes", str(built / "data" / "attributes"), "--features", str(built / "features"),
+            "--out", "tables"]
+    assert stage_error(capsys, "filter", filter_stage.main, argv) == (
+        f"filter: error: {built / 'data' / 'attributes'}/breastmnist.json lists classes ['malignant', "
+        f"'normal, benign'], expected ['malignant', 'benign']: rerun the attributes stage")
     assert list((tmp_path / "tables").iterdir()) == []
 
 
