@@ -921,3 +921,16 @@ def test_biovlm_a_zero_weight_teacher_is_not_computed(off, teacher_views, tiny_b
     monkeypatch.setattr(m, "teacher_logits", lambda views, c: calls.append(len(views)) or real(views, c))
     m.loss_terms(fixed_batch(tiny_backbone.embed_dim, INFO.n_classes))
     assert calls == teacher_views
+
+
+def test_linear_probe_starts_unfitted_and_says_how_to_run_without_validation_shots(tiny_backbone):
+    """A fresh probe holds a boolean `fitted` flag (saved in checkpoints) and no chosen C; C: search without
+    validation shots names the fix in full."""
+    m = build_method("linear_probe", tiny_backbone, {}, INFO)
+    assert m.fitted.dtype == torch.bool and not bool(m.fitted) and m.chosen_c is None
+    assert m.state_dict()["fitted"].dtype == torch.bool
+    feats = synthetic_features(tiny_backbone.embed_dim, INFO.n_classes, shots=2)
+    message = ("linear_probe.C: search chooses C on validation shots, and this run has none; give linear_probe.C "
+               "a number")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        m.setup(feats.pool_clean, feats.pool_labels, None)
