@@ -144,6 +144,8 @@ def test_attribute_classifiers_use_the_shortest_list_and_the_mean_uses_every_att
         m.attribute_features(names, INFO, attrs[:2])
     with pytest.raises(ValueError, match=exactly(f"classes without any attribute: [{names[1]!r}]")):
         m.attribute_features(names, INFO, [["a"], [], ["c"]])
+    one_each, _ = m.attribute_features(names, INFO, [["a"], ["b"], ["c"]])  # one attribute per class is enough
+    assert one_each.shape == (1, 3, tiny_backbone.embed_dim)
 
 
 def test_constant_texts_are_unit_vectors_whatever_the_tower_returns(tiny_backbone, monkeypatch):

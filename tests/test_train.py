@@ -148,6 +148,32 @@ def test_training_draws_one_view_tuple_per_image(tiny_backbone):
     assert len(set(plain.tolist())) == 5  # every view index drawn
 
 
+class _BatchKeys(_Recorder):
+    """Records the keys of every batch and, per row, the image index carried by its clean and plain features."""
+
+    def loss(self, batch):
+        self.seen.append((sorted(batch), batch["clean"][:, 0].clone(), batch["plain"][:, 1].clone(),
+                          batch["labels"].clone()))
+        loss = (batch["plain"] @ self.w).mean()
+        return loss, {"loss": loss.item(), "acc": 0.0}
+
+
+def test_a_batch_holds_the_clean_features_and_labels_of_its_own_images(tiny_backbone):
+    """Method.loss gets {"plain", "weak", "strong", "clean", "labels"} (docs/training.md), rows of the same images."""
+    feats = features_for(tiny_backbone.embed_dim, views=3)
+    feats.val_labels = None
+    n = len(feats.pool_labels)
+    feats.pool_clean[:, 0] = torch.arange(n, dtype=torch.float32)
+    for k in ("plain", "weak", "strong"):
+        feats.pool_views[k][:, :, 1] = torch.arange(n, dtype=torch.float32)[:, None]
+    m = _BatchKeys(tiny_backbone, INFO)
+    fit(m, feats, range(n), {"train": {"epochs": 2, "batch_size": 8}}, seed=1)
+    for keys, clean, plain, labels in m.seen:
+        assert keys == ["clean", "labels", "plain", "strong", "weak"]
+        assert torch.equal(clean, plain)
+        assert torch.equal(labels, feats.pool_labels[clean.long()])
+
+
 def test_nan_loss_stops_with_the_term_and_step(tiny_backbone):
     feats = features_for(tiny_backbone.embed_dim)
     m = _Exploding(tiny_backbone, INFO)

@@ -137,11 +137,10 @@ class Method(nn.Module):
             raise ValueError(f"method {self.name!r} needs the attributes of the classes {list(class_names)}")
         if len(attributes) != len(class_names):
             raise ValueError(f"got {len(attributes)} attribute lists for {len(class_names)} classes")
-        if any(len(a) == 0 for a in attributes):
-            empty = [n for n, a in zip(class_names, attributes, strict=True) if not a]
+        empty = [class_names[i] for i, attrs in enumerate(attributes) if len(attrs) == 0]
+        if empty:
             raise ValueError(f"classes without any attribute: {empty}")
-        pairs = zip(class_names, attributes, strict=True)
-        texts = [prompts.attribute_text(info, n, a) for n, attrs in pairs for a in attrs]
+        texts = [prompts.attribute_text(info, class_names[i], a) for i, attrs in enumerate(attributes) for a in attrs]
         feats = self.encode_constant(texts)
         per_class, start = [], 0
         for attrs in attributes:
@@ -197,10 +196,6 @@ class Method(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"checkpoint tensors do not fit this {self.name} (built with knobs {self.knobs}; "
                              f"checkpoint knobs {meta.get('knobs')}): {e}") from None
-        self.load_extra_meta(meta)
-
-    def load_extra_meta(self, meta: dict) -> None:
-        pass
 
 
 def cosine_logits(scale: float, image_features: torch.Tensor, text: torch.Tensor,
