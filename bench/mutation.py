@@ -7,8 +7,9 @@ function. A mutant the tests do not notice ("survived") is a change to the code 
 (or a message) unseen. Results are cached in ``mutants/`` (git-ignored): a rerun only tests what changed.
 
 Writes ``docs/figures/mutation.md`` (and ``.json``) with the machine and package versions beside the figures;
-``--no-run`` only reads the last run's results, ``--no-write`` only prints, ``--survivors`` lists every mutant that
-survived (``mutmut show <name>`` prints its diff).
+``--no-run`` only reads the last run's results, ``--retest-survivors`` tests the cached survivors again (after new
+tests: mutmut retests a mutant only when its function changes), ``--no-write`` only prints, ``--survivors`` lists
+every mutant that survived (``mutmut show <name>`` prints its diff).
 
 Run: ``python bench/mutation.py [--no-run] [--survivors]``. The last line is JSON; the exit status is 1 when a
 target is missed.
@@ -67,6 +68,21 @@ def survivors(root: Path = REPO) -> list[str]:
     return names
 
 
+def reset_survivors(root: Path = REPO) -> int:
+    """Forget the cached verdict of every mutant that survived, so the next run tests it again: mutmut retests a
+    mutant when its function changes, not when the tests do."""
+    reset = 0
+    for meta in sorted((root / "mutants").rglob("*.py.meta")):
+        data = json.loads(meta.read_text())
+        verdicts = data["exit_code_by_key"]
+        for name, code in verdicts.items():
+            if code is not None and status_of(code) == "survived":
+                verdicts[name] = None
+                reset += 1
+        meta.write_text(json.dumps(data))
+    return reset
+
+
 def summarise(counts: dict[str, Counter]) -> list[dict]:
     rows = []
     for module, c in counts.items():
@@ -112,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python bench/mutation.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-run", action="store_true", help="only read the results of the last `mutmut run`")
     ap.add_argument("--fresh", action="store_true", help="delete mutants/ first (a full run; its time is recorded)")
+    ap.add_argument("--retest-survivors", action="store_true",
+                    help="test the cached survivors again (after adding tests: mutmut only retests changed code)")
     ap.add_argument("--no-write", action="store_true", help=f"print only; do not write {FIGURES.relative_to(REPO)}")
     ap.add_argument("--survivors", action="store_true", help="list every mutant the tests did not kill")
     args = ap.parse_args(argv)
@@ -120,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_run:
         if args.fresh:
             subprocess.run(["rm", "-rf", str(REPO / "mutants")], check=True)
+        elif args.retest_survivors:
+            print(f"{reset_survivors()} survivors will be tested again", flush=True)
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "mutmut", "run"], cwd=REPO, check=True)
         seconds = time.perf_counter() - start if args.fresh else None
