@@ -99,7 +99,8 @@ def markdown(rows: list[dict], seconds: float | None, machine_line: str, page: b
     lines = ["# Mutation testing", ""] if page else []
     lines += ["Written by `python bench/mutation.py` (do not edit by hand). Mutants of each module (mutmut "
               "3.8.1, the fast tests: `-m 'not slow'`), how many the tests kill, and the project's target. "
-              "`other` counts mutants that timed out or that no test reaches.", "",
+              "`other` counts mutants that timed out, that no test reaches, or that are not checked yet (an "
+              "interrupted run; they count as not killed).", "",
               "| module | mutants | killed | survived | other | killed % | target % | met |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
