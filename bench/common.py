@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -69,6 +71,23 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str =
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def copy_checkout(dest: Path) -> int:
+    """Copy the files git would commit (tracked + untracked, not ignored) into ``dest``; returns the count."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                         capture_output=True, check=True).stdout
+    files = [f for f in out.decode().split("\0") if f]
+    n = 0
+    for rel in files:
+        src = REPO / rel
+        if not src.is_file():  # deleted in the working tree but still in the index
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+        n += 1
+    return n
 
 
 def replace_block(path: Path, name: str, text: str) -> bool:

@@ -24,29 +24,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import REPO, emit, machine, replace_block
+from common import REPO, copy_checkout, emit, machine, replace_block
 
 from biovlm import data, environment, learning_checks
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 FIGURES = REPO / "docs" / "figures" / "demo.md"
-
-
-def copy_repo(dest: Path) -> int:
-    """Copy the files git would commit (tracked + untracked, not ignored) into ``dest``; returns the count."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                         capture_output=True, check=True).stdout
-    files = [f for f in out.decode().split("\0") if f]
-    n = 0
-    for rel in files:
-        src = REPO / rel
-        if not src.is_file():  # deleted in the working tree but still in the index
-            continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-        n += 1
-    return n
 
 
 def git(*args: str, cwd: Path) -> None:
@@ -141,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="biovlm-demo-"))
     cache = Path(tempfile.mkdtemp(prefix="biovlm-cache-"))
     try:
-        n = copy_repo(work)
+        n = copy_checkout(work)
         git("init", "-q", cwd=work)
         git("add", "-A", cwd=work)
         git("commit", "-q", "-m", "bench copy", cwd=work)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, emit, replace_block
+from common import REPO, copy_checkout, emit, replace_block
 
 FIGURES = REPO / "docs" / "figures" / "hand_mutations.md"
 
@@ -66,16 +65,6 @@ MUTATIONS = [
     ("std over seeds with ddof=1", "biovlm/evaluate.py", '"std": round(float(values.std(ddof=0)), 4)',
      '"std": round(float(values.std(ddof=1)), 4)', "tests/test_evaluate.py"),
 ]
-
-
-def copy_checkout(dest: Path) -> None:
-    """The tracked files of the checkout (as the workspace holds them), without git history or DVC outputs."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for rel in filter(None, files.decode().split("\0")):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
 
 
 def apply(root: Path, file: str, old: str, new: str) -> None:

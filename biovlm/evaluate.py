@@ -153,7 +153,8 @@ def _average_over(frame: pd.DataFrame, metrics: Sequence[str] = METRICS) -> dict
     return {m: s for m in metrics if (s := _mean_std(per_seed[m]))}
 
 
-def _order(values: Iterable, preferred: Sequence | None) -> list:
+def ordered(values: Iterable, preferred: Sequence | None) -> list:
+    """The distinct ``values``: those in ``preferred`` in its order, then the others as they first appear."""
     values = list(dict.fromkeys(values))
     if preferred is None:
         return values
@@ -165,12 +166,12 @@ def fewshot_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
     """{method: {"k<K>": {dataset | "average": {metric: {mean, std}}}}}."""
     df = df[(df.setting == "fewshot") & (df.part == "all")]
     out: dict = {}
-    for method in _order(df.method, methods):
+    for method in ordered(df.method, methods):
         rows = df[df.method == method]
         out[method] = {}
         for k in sorted(rows.shots.unique()):
             at_k = rows[rows.shots == k]
-            entry = {ds: _seed_stats(at_k[at_k.target == ds]) for ds in _order(at_k.target, datasets)}
+            entry = {ds: _seed_stats(at_k[at_k.target == ds]) for ds in ordered(at_k.target, datasets)}
             entry[AVERAGE] = _average_over(at_k)
             out[method][f"k{int(k)}"] = entry
     return out
@@ -196,11 +197,11 @@ def base2new_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
     concave. A method that cannot classify unseen classes (linear probe) has no novel rows, so no novel and no HM."""
     df = df[df.setting == "base2new"]
     out: dict = {}
-    for method in _order(df.method, methods):
+    for method in ordered(df.method, methods):
         rows = df[df.method == method]
         per_seed = _base2new_per_seed(rows)
         out[method] = {}
-        for ds in _order(rows.target, datasets):
+        for ds in ordered(rows.target, datasets):
             entry = {part: stats for part in ("base", "novel")
                      if (stats := _seed_stats(rows[(rows.target == ds) & (rows.part == part)]))}
             out[method][ds] = {**entry, **_hm_entries(entry, per_seed.loc[per_seed.target == ds, "hm"])}
@@ -226,13 +227,13 @@ def crossdata_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
     from one source within each seed; the method's ``average`` averages every off-diagonal pair."""
     df = df[(df.setting == "crossdata") & (df.part == "all")]
     out: dict = {}
-    for method in _order(df.method, methods):
+    for method in ordered(df.method, methods):
         rows = df[df.method == method]
         out[method] = {}
-        for source in _order(rows.source, datasets):
+        for source in ordered(rows.source, datasets):
             from_source = rows[rows.source == source]
             entry = {t: _seed_stats(from_source[from_source.target == t], ["accuracy"])
-                     for t in _order(from_source.target, datasets)}
+                     for t in ordered(from_source.target, datasets)}
             off = from_source[from_source.target != source]
             if not off.empty:
                 entry["off_diagonal"] = _average_over(off, ["accuracy"])
@@ -270,7 +271,7 @@ def fewshot_curve(df: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.
     curve = per_seed.groupby(["method", "shots"])["accuracy"].agg(["mean", lambda s: s.std(ddof=0)])
     curve.columns = ["accuracy", "std"]
     curve = curve.reset_index()
-    order = {m: i for i, m in enumerate(_order(curve.method, methods))}
+    order = {m: i for i, m in enumerate(ordered(curve.method, methods))}
     curve = curve.assign(rank=curve.method.map(order)).sort_values(["rank", "shots"]).drop(columns="rank")
     return curve.round(4).reset_index(drop=True)
 
@@ -280,8 +281,8 @@ def crossdata_matrix(df: pd.DataFrame, methods: Sequence[str] | None = None,
     """Long table (method, source, target, accuracy): mean accuracy over seeds for every pair."""
     df = df[(df.setting == "crossdata") & (df.part == "all")]
     table = df.groupby(["method", "source", "target"])["accuracy"].mean().round(4).reset_index()
-    m_order = {m: i for i, m in enumerate(_order(table.method, methods))}
-    d_order = {d: i for i, d in enumerate(_order(list(table.source) + list(table.target), datasets))}
+    m_order = {m: i for i, m in enumerate(ordered(table.method, methods))}
+    d_order = {d: i for i, d in enumerate(ordered(list(table.source) + list(table.target), datasets))}
     keys = {"method": m_order, "source": d_order, "target": d_order}
     return table.sort_values(["method", "source", "target"],
                              key=lambda s: s.map(keys[s.name])).reset_index(drop=True)

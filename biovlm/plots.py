@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from biovlm.evaluate import harmonic_mean
-from biovlm.report import ordered
+from biovlm.evaluate import harmonic_mean, ordered
 
 
 def _pyplot():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from biovlm.evaluate import harmonic_mean
+from biovlm.evaluate import harmonic_mean, ordered
 
 NA = "n/a"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "auc": "one-vs-rest AUC", "ece": "ECE (15 bins)"}
@@ -48,14 +48,6 @@ class Table:
     marked_rows: list[str] = field(default_factory=list)
     row_title: str = "Dataset"
     bold: bool = True
-
-
-def ordered(values, preferred: Sequence | None) -> list:
-    """The distinct ``values``: those in ``preferred`` in its order, then the others as they first appear."""
-    values = list(dict.fromkeys(values))
-    if preferred is None:
-        return values
-    return [v for v in preferred if v in values] + [v for v in values if v not in preferred]
 
 
 def pivot_table(values: pd.DataFrame, rows: Sequence[str], methods: Sequence[str], name: str, caption: str,
