@@ -31,6 +31,9 @@ PROFILE_FIXED = ("datasets", "methods")  # read by dvc.yaml's foreach, so a prof
 KL_REDUCTIONS = ("batchmean", "reference")
 ATTRIBUTE_SOURCES = ("reference", "curated", "llm")  # biovlm.attributes.SOURCES (no import: it is not needed here)
 CLASS_NAMES = ("reference", "medmnist")  # biovlm.data.CLASS_NAMES
+ATTRIBUTE_TEMPLATES = ("reference", "project")  # biovlm.data.ATTRIBUTE_TEMPLATES
+PER_RUN_SETTINGS = ("fewshot", "base2new")  # settings that train (crossdata reuses the fewshot runs)
+NORMALIZATIONS = ("imagenet", "backbone")  # biovlm.features.NORMALIZATIONS
 
 # Where the stages read and write (relative to the repository root; dvc.yaml names the same paths).
 ATTRIBUTES_DIR = Path("data/attributes")
@@ -110,10 +113,16 @@ METHOD_KNOBS: dict[str, dict[str, Any]] = {
 
 _SECTION_RULES: dict[str, dict[str, Any]] = {
     "data": {"root": _str, "size": _choice(28, 64, 128, 224), "synthetic": lambda v: isinstance(v, bool),
-             "synthetic_n": None, "synthetic_seed": _int, "class_names": _choice(*CLASS_NAMES)},
+             "synthetic_n": None, "synthetic_seed": _int, "class_names": _choice(*CLASS_NAMES),
+             "attribute_template": _choice(*ATTRIBUTE_TEMPLATES)},
     "backbone": {"name": _str, "device": _str, "cache_dir": lambda v: v is None or isinstance(v, str),
                  "threads": lambda v: v is None or _pos_int(v)},
-    "features": {"views": _pos_int, "batch_size": _pos_int, "seed": _int, "max_shots": _pos_int},
+    "features": {"views": _pos_int, "batch_size": _pos_int, "seed": _int, "max_shots": _pos_int,
+                 "normalize": _choice(*NORMALIZATIONS),
+                 "crop_scale": lambda v: (isinstance(v, list) and len(v) == 2 and all(_num(x) for x in v)
+                                          and 0 < v[0] <= v[1] <= 1),
+                 "jitter_p": lambda v: _num(v) and 0 <= v <= 1, "blur_p": lambda v: _num(v) and 0 <= v <= 1,
+                 "blur_kernel": lambda v: _pos_int(v) and v % 2 == 1},
     "fewshot": {"shots": None},
     "base2new": {"shots": _pos_int},
     "crossdata": {"sources": None, "shots": _pos_int},
@@ -129,17 +138,31 @@ _EXPECT_CUSTOM = {"data.size": "one of 28, 64, 128, 224", "data.synthetic": "tru
                   "backbone.cache_dir": "null or a folder", "backbone.threads": "null or a positive integer",
                   "llm.model": "null or a model name",
                   "llm.seed": "null or an integer", "train.momentum": "a number in [0, 1)",
-                  "linear_probe.C": "'search' or a number > 0"}
+                  "linear_probe.C": "'search' or a number > 0",
+                  "features.crop_scale": "[low, high] with 0 < low <= high <= 1 (area fractions)",
+                  "features.jitter_p": "a probability in [0, 1]", "features.blur_p": "a probability in [0, 1]",
+                  "features.blur_kernel": "an odd number of pixels"}
 
 
 # ----------------------------------------------------------------------------------------------- loading
 def _optional(path: str) -> bool:
-    """Keys that may be absent from params.yaml: a method's own ``train:`` schedule and its train knobs."""
+    """Keys that may be absent from params.yaml: a method's own ``train:`` schedule, its ``per_run`` values
+    (``<method>.per_run.<setting>.<dataset or all>``) and their knobs."""
     parts = path.split(".")
     if parts[0] == "profiles" and len(parts) > 2:
         parts = parts[2:]
-    return (len(parts) in (2, 3) and parts[0] in METHOD_KNOBS and parts[1] == "train"
-            and (len(parts) == 2 or parts[2] in _SECTION_RULES["train"]))
+    if len(parts) < 2 or parts[0] not in METHOD_KNOBS:
+        return False
+    rest = parts[1:]
+    if rest[0] == "per_run":
+        if len(rest) >= 2 and rest[1] not in PER_RUN_SETTINGS:
+            return False
+        rest = rest[3:]  # the knobs of one per-run overlay, like the method's own
+        if not rest:
+            return True
+        if rest[0] in METHOD_KNOBS[parts[0]] and len(rest) == 1:
+            return True
+    return rest[0] == "train" and (len(rest) == 1 or (len(rest) == 2 and rest[1] in _SECTION_RULES["train"]))
 
 
 def set_dotted(cfg: dict, key: str, value: Any) -> None:
@@ -262,6 +285,16 @@ def _check_section(cfg: dict, section: str, rules: Mapping[str, Any], required: 
             _fail(cfg, dotted, values[key], expected)
 
 
+def _check_overlay(cfg: dict, where: str, values: dict, rules: Mapping[str, Any]) -> None:
+    """A method section's (or per-run overlay's) own ``train:`` schedule: train knobs only."""
+    own = values.get("train")
+    if own is None:
+        return
+    if not isinstance(own, dict):
+        _fail(cfg, f"{where}.train", own, "a mapping of train knobs, e.g. {epochs: 10}")
+    _check_section({**cfg, f"{where}.train": own}, f"{where}.train", _SECTION_RULES["train"])
+
+
 def _check_names(cfg: dict, key: str, valid: tuple[str, ...] | list[str], what: str) -> list[str]:
     names = cfg.get(key)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
@@ -315,12 +348,24 @@ def validate(cfg: dict) -> None:
     for method, rules in METHOD_KNOBS.items():
         if cfg.get(method) is None:
             cfg[method] = {}
-        own = cfg[method].get("train")
-        _check_section(cfg, method, {**rules, "train": None})
-        if own is not None:  # the method's own training schedule over the shared `train` section
-            if not isinstance(own, dict):
-                _fail(cfg, f"{method}.train", own, "a mapping of train knobs, e.g. {epochs: 10}")
-            _check_section({**cfg, f"{method}.train": own}, f"{method}.train", _SECTION_RULES["train"])
+        _check_section(cfg, method, {**rules, "train": None, "per_run": None})
+        _check_overlay(cfg, method, cfg[method], rules)
+        per_run = cfg[method].get("per_run")
+        if per_run is None:
+            continue
+        if not isinstance(per_run, dict) or set(per_run) - set(PER_RUN_SETTINGS):
+            _fail(cfg, f"{method}.per_run", per_run, f"a mapping keyed by {' or '.join(PER_RUN_SETTINGS)}",
+                  "e.g. {fewshot: {dermamnist: {kdsp_lambda: 20.0}}}")
+        for setting, entries in per_run.items():
+            where = f"{method}.per_run.{setting}"
+            if not isinstance(entries, dict) or set(entries) - {"all", *DATASETS}:
+                _fail(cfg, where, entries, "a mapping keyed by dataset names or 'all'",
+                      f"valid keys: all, {', '.join(DATASETS)}")
+            for key, overlay in entries.items():
+                if not isinstance(overlay, dict):
+                    _fail(cfg, f"{where}.{key}", overlay, f"a mapping of {method} knobs (and train)")
+                _check_section({**cfg, f"{where}.{key}": overlay}, f"{where}.{key}", {**rules, "train": None})
+                _check_overlay(cfg, f"{where}.{key}", overlay, rules)
 
     validate_backbone_name(cfg["backbone"].get("name"))
     device = cfg["backbone"].get("device", "auto")
@@ -403,6 +448,22 @@ def crossdata_sources(cfg: Mapping) -> list[str]:
     return list(cfg["datasets"]) if sources == "all" else [s for s in sources if s in cfg["datasets"]]
 
 
+def method_config(cfg: Mapping, method: str, setting: str | None = None, dataset: str | None = None) -> dict:
+    """The config one method trains with: ``cfg`` with the method's knobs in ``cfg[method]`` and the training
+    loop's in ``cfg["train"]``. Over the shared values go, in order: the method's own ``train:`` schedule, then
+    (for a run of ``setting`` on ``dataset``) its ``per_run.<setting>.all`` and ``per_run.<setting>.<dataset>``
+    values, e.g. BiomedCoOp's published per-dataset loss weights."""
+    knobs = copy.deepcopy(dict(cfg.get(method) or {}))
+    train = {**cfg["train"], **(knobs.pop("train", None) or {})}
+    per_run = knobs.pop("per_run", None) or {}
+    if setting is not None:
+        for key in ("all", dataset):
+            overlay = dict((per_run.get(setting) or {}).get(key) or {})
+            train.update(overlay.pop("train", None) or {})
+            knobs.update(overlay)
+    return {**cfg, method: knobs, "train": train}
+
+
 def raw_dir(cfg: Mapping, dataset: str) -> Path:
     """Folder of one dataset's npz: real files in ``<root>/<ds>``, synthetic twins in ``<root>/<ds>/synthetic``
     (kept apart so that switching profiles never mixes them, and neither is re-downloaded or regenerated)."""
@@ -411,10 +472,12 @@ def raw_dir(cfg: Mapping, dataset: str) -> Path:
 
 
 def dataset_info(cfg: Mapping, dataset: str):
-    """The registry entry of ``dataset`` with the prompt names of ``data.class_names`` (default: medmnist's)."""
+    """The registry entry of ``dataset`` with the prompt names of ``data.class_names`` (default: medmnist's) and the
+    attribute wording of ``data.attribute_template`` (default: this project's)."""
     from biovlm.data import get_dataset
 
-    return get_dataset(dataset, cfg["data"].get("class_names", "medmnist"))
+    return get_dataset(dataset, cfg["data"].get("class_names", "medmnist"),
+                       cfg["data"].get("attribute_template", "project"))
 
 
 def feature_path(dataset: str) -> Path:

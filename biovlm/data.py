@@ -70,6 +70,24 @@ REFERENCE_NAMES: dict[str, tuple[str, ...]] = {
     "organcmnist": _ORGANS,
     "organsmnist": _ORGANS,
 }
+# How the public BioVLM code words an attribute text (trainers/biovlm.py, load_gpt_descriptions): "<prefix> <class
+# name> <suffix>, <attribute as a which-clause>", with this prefix and suffix per dataset.
+REFERENCE_PHRASES: dict[str, tuple[str, str]] = {
+    "pathmnist": ("a colon pathology of", "type of colorectal cancer"),
+    "dermamnist": ("a dermatoscopic image of", "type of skin lesion"),
+    "octmnist": ("an optical coherence tomography image of", "retina"),
+    "pneumoniamnist": ("a pediatric X-Ray image of", "chest"),
+    "retinamnist": ("a fundus image of", ""),
+    "breastmnist": ("an ultrasound image of", "tumor found in breast tissue"),
+    "bloodmnist": ("a microscopic image of", "type of blood cell"),
+    "tissuemnist": ("a microscopic image of", "type of kidney cortex cell"),
+    **{name: ("a cropped 2D image from the center slices of the bounding boxes of 3D computed tomography image of",
+              f"organ in {view} views") for name, view in (("organamnist", "axial"), ("organcmnist", "coronal"),
+                                                            ("organsmnist", "sagittal"))},
+}
+# data.attribute_template in params.yaml: "reference" (REFERENCE_PHRASES, the public code's sentences) or
+# "project" ("<modality> of <class>, which has <attribute>").
+ATTRIBUTE_TEMPLATES = ("reference", "project")
 # data.class_names in params.yaml: which names the prompts use. "medmnist": medmnist's label texts (class_format
 # applied); "reference": REFERENCE_NAMES.
 CLASS_NAMES = ("reference", "medmnist")
@@ -89,6 +107,8 @@ class DatasetInfo:
     class_format: str = "{}"
     reference_names: tuple[str, ...] = ()
     class_names: str = "medmnist"
+    reference_phrase: tuple[str, str] = ("", "")  # prefix and suffix of the public code's attribute texts
+    attribute_template: str = "project"
 
     @property
     def n_classes(self) -> int:
@@ -130,6 +150,7 @@ def _build_registry() -> dict[str, DatasetInfo]:
             n_samples=dict(entry["n_samples"]),
             class_format=class_format,
             reference_names=REFERENCE_NAMES[name],
+            reference_phrase=REFERENCE_PHRASES[name],
         )
     return registry
 
@@ -137,14 +158,19 @@ def _build_registry() -> dict[str, DatasetInfo]:
 DATASETS: dict[str, DatasetInfo] = _build_registry()
 
 
-def get_dataset(name: str, class_names: str = "medmnist") -> DatasetInfo:
-    """The registry entry for ``name`` with the prompt names ``class_names`` ("medmnist" or "reference"); anything
-    else (chestmnist, 3D sets, typos) is a clear error."""
+def get_dataset(name: str, class_names: str = "medmnist", attribute_template: str = "project") -> DatasetInfo:
+    """The registry entry for ``name`` with the prompt names ``class_names`` ("medmnist" or "reference") and the
+    attribute wording ``attribute_template`` ("project" or "reference"); anything else (chestmnist, 3D sets, typos)
+    is a clear error."""
     if class_names not in CLASS_NAMES:
         raise ValueError(f"unknown class names {class_names!r}; valid: {', '.join(CLASS_NAMES)}")
+    if attribute_template not in ATTRIBUTE_TEMPLATES:
+        raise ValueError(f"unknown attribute template {attribute_template!r}; valid: {', '.join(ATTRIBUTE_TEMPLATES)}")
     if name in DATASETS:
         info = DATASETS[name]
-        return info if info.class_names == class_names else replace(info, class_names=class_names)
+        if (info.class_names, info.attribute_template) == (class_names, attribute_template):
+            return info
+        return replace(info, class_names=class_names, attribute_template=attribute_template)
     why = " (multi-label: not part of this single-label benchmark)" if name == "chestmnist" else ""
     raise ValueError(f"unknown dataset {name!r}{why}; valid names: {', '.join(DATASETS)}")
 

@@ -6,18 +6,21 @@ Prompt learning only trains text-side tensors, so the image tower runs exactly o
 - ``val``: the validation shots (union over seeds of ``min(max_shots, 4)`` per class);
 - the few-shot ``pool``: the union over seeds of the nested ``max_shots``-shot training sets, once without
   augmentation (``pool_clean``) and as ``views`` augmented view *tuples* per image: ``plain`` (random resized crop
-  + flip: the training transform), and ``weak`` (flip) and ``strong`` (flip + colour jitter + Gaussian blur)
-  applied to that same crop, as the reference builds its teacher views from the student's augmented image.
+  + flip: the training transform), and ``weak`` (flip) and ``strong`` (flip, colour jitter with probability
+  ``jitter_p``, Gaussian blur with probability ``blur_p``) applied to that same crop, as the public BioVLM code
+  builds its teacher views from the student's augmented image. The defaults (:class:`ViewTransform`) are the
+  public code's: Dassl's crop scale (0.08, 1), jitter p 0.8, blur p 0.5 with a 3-pixel kernel, ImageNet mean/std.
 
 Every random parameter of image ``i``'s view ``v`` comes from a generator keyed by (``features.seed``, ``i``,
 ``v``, family, transform), never from a stream over the pool: an image's views are the same whichever seeds (and so
 whichever pool) are configured, and a run's result depends on its own shots only.
 
-Images go uint8 -> [0, 1] -> bicubic resize to the tower's input size -> augmentation -> the backbone's mean/std.
+Images go uint8 -> [0, 1] -> bicubic resize to the tower's input size -> augmentation -> mean/std normalisation
+(``normalize``: ImageNet's, as the public code's ``PIXEL_MEAN/STD``, or the backbone's own).
 Colour jitter works on [0, 1] images, so it runs before normalisation (the public reference applies it after
 normalisation, which corrupts the strong view). Test images stream through the data layer's memory-mapped batches,
 so memory stays bounded whatever the split size. Every value in the file's metadata is JSON; ``load_features``
-refuses a file made for another backbone, image size or view count instead of mixing features.
+refuses a file made for another backbone, image size, view count or transform instead of mixing features.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +38,58 @@ from tqdm import tqdm
 
 from biovlm import data, sampling
 
-FORMAT_VERSION = 2  # 2: view tuples keyed by (seed, image, view)
+FORMAT_VERSION = 3  # 2: view tuples keyed by (seed, image, view); 3: the transform in the metadata
 FAMILIES = ("plain", "weak", "strong")
-CROP_SCALE = (0.5, 1.0)  # random resized crop keeps at least half the image: MedMNIST images are tight crops already
+# Image normalisations by name: (mean, std) per channel, or None for the backbone's own.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's; the public code's PIXEL_MEAN/STD
+    "backbone": None,
+}
+
+
+@dataclass(frozen=True)
+class ViewTransform:
+    """How images become tower inputs; the defaults are the public BioVLM code's (Dassl + its strong view)."""
+
+    normalize: str = "imagenet"
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop: area fraction range (Dassl's default)
+    jitter_p: float = 0.8  # strong view: probability of colour jitter (brightness/contrast/saturation 0.4, hue 0.1)
+    blur_p: float = 0.5  # strong view: probability of Gaussian blur (sigma in (0.1, 2))
+    blur_kernel: int = 3  # Gaussian blur kernel size in pixels (odd)
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"features.normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"features.crop_scale must be [low, high] with 0 < low <= high <= 1, got "
+                             f"{list(self.crop_scale)}")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError(f"features.blur_kernel must be an odd number of pixels, got {self.blur_kernel}")
+
+    @classmethod
+    def from_config(cls, features_cfg: dict) -> ViewTransform:
+        """The ``features`` section's transform knobs (absent ones take the defaults)."""
+        known = {k: features_cfg[k] for k in ("normalize", "jitter_p", "blur_p", "blur_kernel") if k in features_cfg}
+        if "crop_scale" in features_cfg:
+            known["crop_scale"] = tuple(float(v) for v in features_cfg["crop_scale"])
+        return cls(**known)
+
+    def meta(self) -> dict:
+        """The transform as the feature file's metadata records it (JSON values)."""
+        return {**asdict(self), "crop_scale": list(self.crop_scale)}
+
+    def normalizer(self, backbone):
+        """A function [0, 1] images -> normalised tower inputs."""
+        stats = NORMALIZATIONS[self.normalize]
+        if stats is None:
+            return backbone.normalize
+
+        def normalize(x: torch.Tensor) -> torch.Tensor:
+            mean, std = (x.new_tensor(v).view(1, 3, 1, 1) for v in stats)
+            return (x - mean) / std
+
+        return normalize
 
 
 @dataclass
@@ -87,16 +139,17 @@ def _rows(chosen: np.ndarray, split_labels: np.ndarray, classes: Sequence[int] |
     return rows
 
 
-def _augmenters(size: int) -> dict:
+def _augmenters(transform: ViewTransform) -> dict:
     """The three view families after the crop: kornia augmentations, applied in batches with keyed parameters."""
     import kornia.augmentation as K
 
-    blur_kernel = max(3, (size // 10) | 1)  # odd, about a tenth of the image
+    k = transform.blur_kernel
     return {
         "plain": torch.nn.Sequential(K.RandomHorizontalFlip()),  # after the random resized crop (crop_box)
         "weak": torch.nn.Sequential(K.RandomHorizontalFlip()),
-        "strong": torch.nn.Sequential(K.RandomHorizontalFlip(), K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=1.0),
-                                      K.RandomGaussianBlur((blur_kernel, blur_kernel), (0.1, 2.0), p=1.0)),
+        "strong": torch.nn.Sequential(K.RandomHorizontalFlip(),
+                                      K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=transform.jitter_p),
+                                      K.RandomGaussianBlur((k, k), (0.1, 2.0), p=transform.blur_p)),
     }
 
 
@@ -105,7 +158,7 @@ def view_key(seed: int, image: int, view: int, family: int) -> np.random.SeedSeq
     return np.random.SeedSequence([seed, image, view, family])
 
 
-def crop_box(rng: np.random.Generator, size: int, scale: tuple[float, float] = CROP_SCALE,
+def crop_box(rng: np.random.Generator, size: int, scale: tuple[float, float] = ViewTransform.crop_scale,
              ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> list[list[int]]:
     """A random resized crop's corners (x, y; clockwise from top left), sampled as torchvision and kornia do:
     area fraction in ``scale``, log-uniform aspect ratio, 10 tries, else the whole image."""
@@ -140,29 +193,31 @@ def _augment_keyed(images: torch.Tensor, transform: torch.nn.Sequential, keys: S
     return out.clamp(0, 1)
 
 
-def view_tuples(unit_images: torch.Tensor, indices: Sequence[int], view: int, seed: int, size: int) -> dict:
+def view_tuples(unit_images: torch.Tensor, indices: Sequence[int], view: int, seed: int, size: int,
+                transform: ViewTransform = ViewTransform()) -> dict:
     """View ``view`` of each image (split index ``indices[b]``): {"plain", "weak", "strong"} [B,3,S,S] in [0, 1]."""
     from kornia.geometry.transform import crop_and_resize
 
     keys = {f: [view_key(seed, int(i), view, k) for i in indices] for k, f in enumerate(FAMILIES)}
     torch_keys = {f: [int(ss.generate_state(1, np.uint64)[0] >> 1) for ss in keys[f]] for f in FAMILIES}
-    boxes = torch.tensor([crop_box(np.random.default_rng(ss), unit_images.shape[-1]) for ss in keys["plain"]],
+    boxes = torch.tensor([crop_box(np.random.default_rng(ss), unit_images.shape[-1], transform.crop_scale)
+                          for ss in keys["plain"]],
                          dtype=unit_images.dtype)
     cropped = crop_and_resize(unit_images, boxes, (size, size), mode="bilinear", align_corners=True)
-    augmenters = _augmenters(size)
+    augmenters = _augmenters(transform)
     plain = _augment_keyed(cropped.clamp(0, 1), augmenters["plain"], torch_keys["plain"])
     return {"plain": plain, "weak": _augment_keyed(plain, augmenters["weak"], torch_keys["weak"]),
             "strong": _augment_keyed(plain, augmenters["strong"], torch_keys["strong"])}
 
 
-def _encode(backbone, unit_images: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _encode(backbone, unit_images: torch.Tensor, batch_size: int, normalize) -> torch.Tensor:
     """Features of [0, 1] images in batches of exactly ``batch_size`` (the last one padded): a one-image batch
     takes other kernels than a full one, and an image's features must not depend on which others share the pool."""
     out = []
     for i in range(0, len(unit_images), batch_size):
         batch = unit_images[i : i + batch_size]
         padded = torch.cat([batch, batch[-1:].expand(batch_size - len(batch), *batch.shape[1:])])
-        out.append(backbone.encode_images(backbone.normalize(padded)).cpu()[: len(batch)])
+        out.append(backbone.encode_images(normalize(padded)).cpu()[: len(batch)])
     return torch.cat(out)
 
 
@@ -171,7 +226,8 @@ def _union(indices: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def extract_features(dataset: str, backbone, *, root: str | Path, size: int, views: int, seeds: Sequence[int],
-                     max_shots: int = 16, batch_size: int = 64, out: str | Path, seed: int = 0) -> Path:
+                     max_shots: int = 16, batch_size: int = 64, out: str | Path, seed: int = 0,
+                     transform: ViewTransform = ViewTransform()) -> Path:
     """Compute and store the features of ``dataset`` (see the module docstring); returns ``out``."""
     from safetensors.torch import save_file
 
@@ -179,6 +235,7 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
     if views < 1:
         raise ValueError(f"features.views must be at least 1, got {views}")
     seeds = [int(s) for s in seeds]
+    normalize = transform.normalizer(backbone)
     train_images, train_labels = data.load_split(dataset, "train", size, root)
     val_images, val_labels = data.load_split(dataset, "val", size, root)
     pool = _union([sampling.few_shot_indices(train_labels, max_shots, s) for s in seeds])  # checks class counts first
@@ -188,9 +245,11 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
     test = torch.empty(len(test_images), backbone.embed_dim, dtype=torch.float16)
     for start, batch in tqdm(data.iter_batches(test_images, batch_size), desc=f"{dataset} test",
                              total=-(-len(test_images) // batch_size), leave=False):
-        test[start : start + len(batch)] = backbone.encode_images(backbone.prepare_images(batch)).cpu().half()
+        test[start : start + len(batch)] = backbone.encode_images(
+            normalize(backbone.resize(backbone.images_to_unit(batch)))).cpu().half()
 
-    val_features = _encode(backbone, backbone.resize(backbone.images_to_unit(val_images[val])), batch_size)
+    val_features = _encode(backbone, backbone.resize(backbone.images_to_unit(val_images[val])), batch_size,
+                            normalize)
     pool_unit = backbone.resize(backbone.images_to_unit(train_images[pool])).cpu()
     tensors = {
         "test_features": test, "test_labels": torch.from_numpy(test_labels),
@@ -198,16 +257,16 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
         "val_indices": torch.from_numpy(val), "val_split_labels": torch.from_numpy(val_labels),
         "train_labels": torch.from_numpy(train_labels),
         "pool_indices": torch.from_numpy(pool), "pool_labels": torch.from_numpy(train_labels[pool]),
-        "pool_clean": _encode(backbone, pool_unit, batch_size),
+        "pool_clean": _encode(backbone, pool_unit, batch_size, normalize),
     }
     per_view: dict[str, list[torch.Tensor]] = {f: [] for f in FAMILIES}
     for v in tqdm(range(views), desc=f"{dataset} views", leave=False):
         chunks: dict[str, list[torch.Tensor]] = {f: [] for f in FAMILIES}
         for start in range(0, len(pool), batch_size):
             stop = start + batch_size
-            tuples = view_tuples(pool_unit[start:stop], pool[start:stop], v, seed, backbone.image_size)
+            tuples = view_tuples(pool_unit[start:stop], pool[start:stop], v, seed, backbone.image_size, transform)
             for family, images in tuples.items():
-                chunks[family].append(_encode(backbone, images, batch_size))
+                chunks[family].append(_encode(backbone, images, batch_size, normalize))
         for family in FAMILIES:
             per_view[family].append(torch.cat(chunks[family]))
     for family in FAMILIES:
@@ -215,7 +274,7 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
 
     meta = {"format": FORMAT_VERSION, "dataset": dataset, "backbone": backbone.name, "size": size, "views": views,
             "seeds": seeds, "max_shots": max_shots, "embed_dim": backbone.embed_dim, "n_classes": info.n_classes,
-            "seed": seed, "weights_sha256": backbone.fingerprint}
+            "seed": seed, "weights_sha256": backbone.fingerprint, "transform": transform.meta()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

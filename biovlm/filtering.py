@@ -16,7 +16,9 @@ with s the backbone's logit scale; the score is the mean of p over those shots. 
 confidently, would this one description pick the right class against the average description of every other
 class": a generic "a round shape" that matches every class equally scores low, and, being a bounded probability, it
 is comparable across classes. Each training class keeps its J best attributes (``filter.keep``; ties break by
-original index). Classes the run has no shots of (base-to-novel's novel classes, another dataset's classes) keep
+original index) and lists them in their original order: teacher classifier j pairs the j-th kept attribute of
+every class, so with ``keep`` = all (the paper profile, as the public code uses all 10) the teacher is the
+public code's. Classes the run has no shots of (base-to-novel's novel classes, another dataset's classes) keep
 every attribute: a label-free choice. Source: the BioVLM paper's confidence filtering, restricted to what a run may
 see (the public code ranks on the training set of its own run too).
 """
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from biovlm.features import FeatureSet
 
 SCORE_NAME = "mean_softmax_vs_other_training_classes"
-TABLE_FORMAT = 2
+TABLE_FORMAT = 3  # 3: the attribute template recorded
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ConfidenceTable:
     similarity: torch.Tensor  # [P, C, N]
     class_similarity: torch.Tensor  # [P, C]
     logit_scale: float
+    attribute_template: str = "project"  # how the attribute texts were worded (data.attribute_template)
 
     def scores(self, rows: np.ndarray, class_ids: list[int]) -> torch.Tensor:
         """Scores [len(class_ids), N] of the training classes' attributes on the table rows ``rows`` (a run's
@@ -74,8 +77,8 @@ class ConfidenceTable:
         return out
 
     def select(self, rows: np.ndarray, class_ids: list[int], keep: int) -> list[list[str]]:
-        """Attributes by label id for one run: the ``keep`` best of each training class (best first) from the run's
-        shots ``rows``; every attribute for the classes the run has no shots of."""
+        """Attributes by label id for one run: the ``keep`` best of each training class (in their original order)
+        from the run's shots ``rows``; every attribute for the classes the run has no shots of."""
         chosen = select(self.scores(rows, class_ids), keep)
         out = [list(a) for a in self.attributes]
         for c, idx in zip(class_ids, chosen, strict=True):
@@ -84,12 +87,12 @@ class ConfidenceTable:
 
 
 def select(scores: torch.Tensor, keep: int) -> list[list[int]]:
-    """Indices of the ``keep`` best attributes per class, best first; ties broken by the lower index."""
+    """Indices of the ``keep`` best attributes per class (ties broken by the lower index), in ascending order."""
     C, N = scores.shape
     if not 1 <= keep <= N:
         raise ValueError(f"filter.keep must be in 1..{N} (attributes per class), got {keep}")
     rows = scores.tolist()
-    return [sorted(range(N), key=lambda i, r=row: (-r[i], i))[:keep] for row in rows]
+    return [sorted(sorted(range(N), key=lambda i, r=row: (-r[i], i))[:keep]) for row in rows]
 
 
 def encode_attributes(info: DatasetInfo, attributes: list[list[str]], backbone: Backbone) -> torch.Tensor:
@@ -115,13 +118,14 @@ def build_table(info: DatasetInfo, attributes: list[list[str]], backbone: Backbo
     x = features.pool_clean.cpu().float()  # [P, D]
     return ConfidenceTable(info.name, list(info.prompt_names), [list(a) for a in attributes],
                            np.asarray(features.pool_indices), np.asarray(features.pool_labels),
-                           torch.einsum("pd,cnd->pcn", x, text), x @ means.T, float(backbone.logit_scale))
+                           torch.einsum("pd,cnd->pcn", x, text), x @ means.T, float(backbone.logit_scale),
+                           info.attribute_template)
 
 
 def save_table(table: ConfidenceTable, path: str | Path) -> None:
     """Write the table as JSON, one entry per pool image (its split index, label and cosines)."""
     record = {"format": TABLE_FORMAT, "dataset": table.dataset, "score": SCORE_NAME, "classes": table.class_names,
-              "attributes": table.attributes, "logit_scale": table.logit_scale,
+              "attribute_template": table.attribute_template, "attributes": table.attributes, "logit_scale": table.logit_scale,
               "images": [{"index": int(i), "label": int(y), "attribute_cosine": sim.tolist(),
                           "class_mean_cosine": csim.tolist()}
                          for i, y, sim, csim in zip(table.pool_indices, table.pool_labels, table.similarity,
@@ -144,4 +148,4 @@ def load_table(path: str | Path) -> ConfidenceTable:
                            np.array([im["label"] for im in images], dtype=np.int64),
                            torch.tensor([im["attribute_cosine"] for im in images], dtype=torch.float32),
                            torch.tensor([im["class_mean_cosine"] for im in images], dtype=torch.float32),
-                           float(record["logit_scale"]))
+                           float(record["logit_scale"]), record["attribute_template"])

@@ -79,7 +79,8 @@ def measure(cfg: dict, seeds: list[int], synthetic_seed: int, root: Path) -> dic
     each of ``seeds`` at the smallest and largest K and scored on the held-out test images."""
     from biovlm import attributes, data, filtering
     from biovlm.backbone import load_backbone
-    from biovlm.features import extract_features, load_features
+    from biovlm.config import method_config
+    from biovlm.features import ViewTransform, extract_features, load_features
     from biovlm.methods import build_method
     from biovlm.train import fit, predict
 
@@ -89,7 +90,8 @@ def measure(cfg: dict, seeds: list[int], synthetic_seed: int, root: Path) -> dic
     for name, info in data.DATASETS.items():
         data.make_synthetic(name, 28, cfg["data"]["synthetic_n"], seed=synthetic_seed, root=root)
         path = extract_features(name, backbone, root=root, size=28, views=cfg["features"]["views"], seeds=seeds,
-                                out=root / f"{name}.safetensors", seed=cfg["features"]["seed"])
+                                out=root / f"{name}.safetensors", seed=cfg["features"]["seed"],
+                                transform=ViewTransform.from_config(cfg["features"]))
         feats = load_features(path)
         table = filtering.build_table(info, attributes.curated(name), backbone, feats)
         for seed in seeds:
@@ -97,8 +99,9 @@ def measure(cfg: dict, seeds: list[int], synthetic_seed: int, root: Path) -> dic
                 positions = feats.shots(seed, k)
                 kept = table.select(positions, list(range(info.n_classes)), cfg["filter"]["keep"])
                 for method in ("zeroshot", "coop", "biovlm"):
-                    m = build_method(method, backbone, cfg, info, attributes=kept)
-                    fit(m, feats, positions, cfg, seed=seed)
+                    mcfg = method_config(cfg, method, "fewshot", name)
+                    m = build_method(method, backbone, mcfg, info, attributes=kept)
+                    fit(m, feats, positions, mcfg, seed=seed)
                     probs = predict(m, feats.test_features, m.class_names, info, m.attributes)
                     correct = (probs.argmax(1) == feats.test_labels).float().mean().item()
                     rows.append({"method": method, "setting": "fewshot", "part": "all", "shots": k, "seed": seed,

@@ -14,8 +14,26 @@ def template_text(info: DatasetInfo, class_name: str) -> str:
 
 
 def attribute_text(info: DatasetInfo, class_name: str, attribute: str) -> str:
-    """An attribute description, e.g. ``"breast ultrasound of malignant, which has irregular margins"``."""
+    """An attribute description in the wording ``info.attribute_template`` selects: "project", e.g.
+    ``"breast ultrasound of malignant, which has irregular margins"``, or "reference", the public BioVLM code's,
+    e.g. ``"an ultrasound image of malignant tumor found in breast tissue, which has irregular margins"``."""
+    if info.attribute_template == "reference":
+        prefix, suffix = info.reference_phrase
+        return f"{prefix} {class_name} {suffix}, {which_clause(attribute)}"
     return f"{info.modality} of {class_name}, which has {attribute}"
+
+
+def which_clause(attribute: str) -> str:
+    """The public code's rule (``make_descriptor_sentence``) for joining an attribute to its class: by the
+    attribute's first letters, "which is ..." (starts with "a" or "used"), "which ..." (starts with "has", "often",
+    "typically", "may" or "can"), else "which has ..."."""
+    if attribute.startswith("a"):  # the public code tests "a" or "an": any word starting with the letter a
+        return f"which is {attribute}"
+    if attribute.startswith(("has", "often", "typically", "may", "can")):
+        return f"which {attribute}"
+    if attribute.startswith("used"):
+        return f"which is {attribute}"
+    return f"which has {attribute}"
 
 
 def context_prompt(class_name: str, n_ctx: int) -> str:

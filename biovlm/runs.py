@@ -32,7 +32,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from biovlm.config import FEATURES_DIR, FILTERED_DIR, all_shots, crossdata_sources, dataset_info, feature_path
+from biovlm.config import (
+    FEATURES_DIR,
+    FILTERED_DIR,
+    all_shots,
+    crossdata_sources,
+    dataset_info,
+    feature_path,
+    method_config,
+)
 from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
 
 # Source files whose change invalidates finished runs (backbone changes also reach runs through the features).
@@ -94,18 +102,9 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def method_config(cfg: Mapping, method: str) -> dict:
-    """The config one method trains with: its own knobs in ``cfg[method]`` and the training loop's knobs in
-    ``cfg["train"]``, with the method's optional ``train:`` subsection applied over the shared ones (e.g. CoCoOp's
-    own schedule)."""
-    knobs = dict(cfg.get(method) or {})
-    own = knobs.pop("train", None) or {}
-    return {**cfg, method: knobs, "train": {**cfg["train"], **own}}
-
-
 def run_hash(method: str, cfg: Mapping, run: Run, inputs_digest: str, code: str) -> str:
     """Hash of everything a run's result depends on."""
-    mcfg = method_config(cfg, method)
+    mcfg = method_config(cfg, method, run.setting, run.dataset)
     payload = {"format": RUN_FORMAT, "method": method, "knobs": mcfg[method], "train": mcfg["train"],
                "keep": cfg["filter"]["keep"], "run": asdict(run), "inputs": inputs_digest, "code": code}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -156,8 +155,10 @@ class DatasetInputs:
 
 
 def expected_feature_meta(cfg: Mapping, dataset: str) -> dict:
+    from biovlm.features import ViewTransform
+
     return {"dataset": dataset, "backbone": cfg["backbone"]["name"], "size": cfg["data"]["size"],
-            "views": cfg["features"]["views"]}
+            "views": cfg["features"]["views"], "transform": ViewTransform.from_config(cfg["features"]).meta()}
 
 
 def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_dir: str | Path | None = FILTERED_DIR,
@@ -209,6 +210,10 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
                 raise InputError(f"{fpath} was built for the class names {table.class_names}, data.class_names "
                                  f"{info.class_names!r} names them {list(info.prompt_names)}; rerun the attributes "
                                  f"and filter stages")
+            if table.attribute_template != info.attribute_template:
+                raise InputError(f"{fpath} was built with data.attribute_template {table.attribute_template!r}, "
+                                 f"params.yaml asks for {info.attribute_template!r}; rerun the filter stage "
+                                 f"(dvc repro filter)")
             if not np.array_equal(table.pool_indices, feats.pool_indices):
                 raise InputError(f"{fpath} scores other pool images than {path}; rerun the filter stage "
                                  f"(dvc repro filter)")
@@ -295,7 +300,7 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
     else:
         base, novel = base_novel_split(n)
         train_ids, parts = base.tolist(), [("base", base.tolist()), ("novel", novel.tolist())]
-    cfg = method_config(cfg, method_name)
+    cfg = method_config(cfg, method_name, run.setting, run.dataset)
     positions = data.features.shots(run.seed, run.shots, classes=train_ids)
     attributes = data.attributes_for(method_name, train_ids, positions if len(train_ids) > 1 else None,
                                      cfg["filter"]["keep"])
@@ -335,7 +340,7 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
     if class_specific(method_name):
         return []
     src = inputs[source]
-    cfg = method_config(cfg, method_name)
+    cfg = method_config(cfg, method_name, run.setting, run.dataset)  # the few-shot run's values
     all_ids = list(range(src.info.n_classes))
     attributes = src.attributes_for(method_name, all_ids, src.features.shots(run.seed, run.shots),
                                     cfg["filter"]["keep"])  # as the few-shot run trained

@@ -1,8 +1,11 @@
 """The training loop: cached image features in, trained method out (the image tower never runs here).
 
-Each step draws, for every image of the batch, one random cached view of each kind (plain, weak, strong) from a
-``torch.Generator`` seeded with ``seed``, which also shuffles the images and initialises the learned tensors, so a
-run is bit-for-bit reproducible on CPU. SGD with momentum; the learning rate is ``warmup_lr`` for
+Views. Every image walks through its cached view tuples (plain, weak, strong) in its own random order, one per
+epoch: epoch e uses view ``order[i, e mod V]``. With ``features.views`` >= epochs (the paper profile: 100 views,
+at most 100 epochs) no image ever sees the same augmentation twice, which is what the public code's fresh
+augmentation at every step amounts to; with fewer views each is used once before any repeats. The orders come from
+a ``torch.Generator`` seeded with ``seed``, which also shuffles the images and initialises the learned tensors, so
+a run is bit-for-bit reproducible on CPU. SGD with momentum; the learning rate is ``warmup_lr`` for
 ``warmup_epochs`` epochs, then follows a cosine from ``lr`` to 0 over the remaining epochs (stepped per epoch, as in
 CoOp's Dassl trainer). On CUDA the loss runs under bf16 autocast.
 """
@@ -103,6 +106,7 @@ def fit(method, features, positions: Sequence[int] | np.ndarray, cfg: dict | Non
     opt = torch.optim.SGD(params, lr=knobs["lr"], momentum=knobs["momentum"], weight_decay=knobs["weight_decay"])
     n, bs = pos.numel(), knobs["batch_size"]
     t0, step = time.perf_counter(), 0
+    view_order = torch.argsort(torch.rand(n, n_views, generator=gen), dim=1).to(device)  # a permutation per image
     method.train()
     for epoch in range(knobs["epochs"]):
         lr = lr_at(epoch, knobs)
@@ -113,9 +117,10 @@ def fit(method, features, positions: Sequence[int] | np.ndarray, cfg: dict | Non
         for start in range(0, n, bs):
             idx = order[start:start + bs]
             batch = {"labels": labels[idx.to(device)], "clean": clean[idx.to(device)]}
-            pick = torch.randint(n_views, (idx.numel(),), generator=gen).to(device)  # one view tuple per image
+            rows = idx.to(device)
+            pick = view_order[rows, epoch % n_views]  # each image's next unseen view tuple
             for kind, v in views.items():
-                batch[kind] = v[idx.to(device), pick]
+                batch[kind] = v[rows, pick]
             with _autocast(device):
                 loss, stats = method.loss(batch)
             _check_finite(method, loss, stats, epoch, step)

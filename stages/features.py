@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         raise FileNotFoundError(f"no data in {', '.join(missing)}: run the download stages first (dvc repro)")
 
     from biovlm.backbone import load_backbone
-    from biovlm.features import extract_features
+    from biovlm.features import ViewTransform, extract_features
 
     t0 = time.perf_counter()
     backbone = load_backbone(b["name"], device=torch_device(cfg), cache_dir=b["cache_dir"])
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         extract_features(ds, backbone, root=raw_dir(cfg, ds), size=cfg["data"]["size"], views=f["views"],
                          seeds=list(cfg["seeds"]), max_shots=f["max_shots"], batch_size=f["batch_size"], out=out,
-                         seed=f["seed"])
+                         seed=f["seed"], transform=ViewTransform.from_config(f))
         print(f"  {ds}: {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t1:.1f} s)")
 
 

@@ -28,20 +28,30 @@ def test_file_holds_every_part_with_the_right_shapes(feature_file, synthetic_roo
     assert {k: tuple(v.shape) for k, v in fs.pool_views.items()} == {f: (len(pool), 2, d) for f in
                                                                       ("plain", "weak", "strong")}
     assert torch.allclose(fs.pool_clean.norm(dim=-1), torch.ones(len(pool)), atol=1e-3)
-    assert fs.meta == {"format": 2, "dataset": "bloodmnist", "backbone": "tiny", "size": 28, "views": 2,
+    assert fs.meta == {"format": 3, "dataset": "bloodmnist", "backbone": "tiny", "size": 28, "views": 2,
                        "seeds": [1, 2], "max_shots": 4, "embed_dim": d, "n_classes": 8, "seed": 0,
-                       "weights_sha256": tiny_backbone.fingerprint}
+                       "weights_sha256": tiny_backbone.fingerprint,
+                       "transform": {"normalize": "imagenet", "crop_scale": [0.08, 1.0], "jitter_p": 0.8,
+                                     "blur_p": 0.5, "blur_kernel": 3}}
 
 
 def test_cached_features_equal_direct_computation(feature_file, synthetic_root, tiny_backbone):
     fs = load_features(feature_file)
     images, labels = load_split("bloodmnist", "test", 28, synthetic_root)
-    direct = tiny_backbone.encode_images(tiny_backbone.prepare_images(images[:20]))
+    def imagenet(images):  # the default normalisation: torchvision's ImageNet mean/std, as the public code
+        x = tiny_backbone.resize(tiny_backbone.images_to_unit(images))
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        return tiny_backbone.encode_images((x - mean) / std)
+
+    direct = imagenet(images[:20])
     torch.testing.assert_close(fs.test_features[:20], direct, atol=2e-3, rtol=0)  # stored as float16
     assert np.array_equal(fs.test_labels.numpy(), labels)
     train_images, _ = load_split("bloodmnist", "train", 28, synthetic_root)
-    clean = tiny_backbone.encode_images(tiny_backbone.prepare_images(train_images[fs.pool_indices[:5]]))
+    clean = imagenet(train_images[fs.pool_indices[:5]])
     torch.testing.assert_close(fs.pool_clean[:5], clean, atol=1e-5, rtol=0)
+    own = tiny_backbone.encode_images(tiny_backbone.prepare_images(train_images[fs.pool_indices[:5]]))
+    assert (fs.pool_clean[:5] - own).abs().max() > 1e-3  # the backbone's own mean/std would give other features
 
 
 def test_views_are_augmented_and_reproducible(feature_file, synthetic_root, tiny_backbone, tmp_path):

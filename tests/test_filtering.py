@@ -84,7 +84,7 @@ def test_run_selection_equals_a_plain_computation_on_its_own_shots_only():
     torch.testing.assert_close(table.scores(rows, [0, 1, 2, 3]), expected, rtol=1e-5, atol=1e-6)
     kept = table.select(rows, [0, 1, 2, 3], keep=3)
     for c in range(4):
-        order = sorted(range(6), key=lambda i, c=c: (-float(expected[c, i]), i))[:3]
+        order = sorted(sorted(range(6), key=lambda i, c=c: (-float(expected[c, i]), i))[:3])  # the file's order
         assert kept[c] == [f"attr {c}.{i}" for i in order]
     # every row outside the run's shots replaced by garbage: the same selection
     garbage = copy.deepcopy(table)
@@ -123,7 +123,10 @@ def test_single_training_class_and_missing_shots():
 def test_selection_is_deterministic_with_ties_by_index():
     scores = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, 0.9, 0.9, 0.2]])
     assert F.select(scores, 2) == [[0, 1], [1, 2]]
-    assert F.select(scores, 4) == [[0, 1, 2, 3], [1, 2, 3, 0]]  # keep every attribute (J = N): ranked
+    assert F.select(scores, 3) == [[0, 1, 2], [1, 2, 3]]  # the 3 best of row 1 (1, 2, 3), in the file's order
+    # keep every attribute (J = N, the paper profile): the file's order, so teacher classifier j is attribute j
+    # of every class, as in the public code
+    assert F.select(scores, 4) == [[0, 1, 2, 3], [0, 1, 2, 3]]
     with pytest.raises(ValueError, match=r"filter.keep must be in 1..4"):
         F.select(scores, 5)
 
@@ -154,7 +157,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the 'filter' stage"):
         F.load_table("/nonexistent/x.json")
     (tmp_path / "old.json").write_text('{"kept": [["a"]]}')
-    with pytest.raises(ValueError, match=r"old.json is confidence-table format None, this code reads 2; rerun"):
+    with pytest.raises(ValueError, match=r"old.json is confidence-table format None, this code reads 3; rerun"):
         F.load_table(tmp_path / "old.json")
 
 
@@ -200,7 +203,7 @@ def test_select_keeps_the_best_of_each_training_class_and_every_attribute_of_the
     expected = loop_scores(table, rows, [2, 0])
     kept = table.select(rows, [2, 0], keep=2)
     for c, scores in zip([2, 0], expected, strict=True):
-        best = sorted(range(4), key=lambda j, s=scores: (-s[j], j))[:2]
+        best = sorted(sorted(range(4), key=lambda j, s=scores: (-s[j], j))[:2])
         assert kept[c] == [f"a{c}{j}" for j in best]
     assert kept[1] == table.attributes[1] and kept[3] == table.attributes[3]
     assert kept is not table.attributes and kept[1] is not table.attributes[1]
@@ -231,19 +234,19 @@ def test_encode_attributes_checks_the_lists(tiny_backbone):
 def test_saved_table_is_readable_json(tmp_path):
     table = F.ConfidenceTable("toy", ["c0", "c1"], [["é"], ["b"]], np.array([5, 9]), np.array([1, 0]),
                               torch.tensor([[[0.5], [0.25]], [[1.0], [-1.0]]]), torch.tensor([[0.5, 0.0], [1.0, 2.0]]),
-                              3.0)
+                              3.0, "reference")
     F.save_table(table, tmp_path / "t.json")
     text = (tmp_path / "t.json").read_text("utf-8")
     assert text.endswith("}\n") and "é" in text
     assert json.loads(text) == {
-        "format": 2, "dataset": "toy", "score": "mean_softmax_vs_other_training_classes", "classes": ["c0", "c1"],
-        "attributes": [["é"], ["b"]], "logit_scale": 3.0,
+        "format": 3, "dataset": "toy", "score": "mean_softmax_vs_other_training_classes", "classes": ["c0", "c1"],
+        "attribute_template": "reference", "attributes": [["é"], ["b"]], "logit_scale": 3.0,
         "images": [{"index": 5, "label": 1, "attribute_cosine": [[0.5], [0.25]], "class_mean_cosine": [0.5, 0.0]},
                    {"index": 9, "label": 0, "attribute_cosine": [[1.0], [-1.0]], "class_mean_cosine": [1.0, 2.0]}]}
     loaded = F.load_table(tmp_path / "t.json")
     assert loaded.pool_indices.dtype == np.int64 and loaded.pool_labels.tolist() == [1, 0]
     assert loaded.similarity.dtype == torch.float32 and loaded.logit_scale == 3.0 and loaded.dataset == "toy"
-    assert loaded.class_names == ["c0", "c1"]
+    assert loaded.class_names == ["c0", "c1"] and loaded.attribute_template == "reference"
 
 
 def test_missing_table_message(tmp_path):
@@ -252,7 +255,7 @@ def test_missing_table_message(tmp_path):
                                                 "'filter' stage$"):
         F.load_table(path)
     path.write_text(json.dumps({"format": 1}))
-    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is confidence-table format 1, this code reads 2; "
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is confidence-table format 1, this code reads 3; "
                                          "rerun the 'filter' stage$"):
         F.load_table(path)
 

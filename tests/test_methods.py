@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from types import SimpleNamespace
 
 import numpy as np
@@ -432,11 +433,12 @@ def test_method_errors_are_clear(tiny_backbone):
 
 
 def test_biomedcoop_prunes_outlier_attributes():
-    from biovlm.methods.biomedcoop import robust_keep
+    from biovlm.methods.biomedcoop import prune_mask
 
-    scores = torch.tensor([10.0, 10.2, 9.9, 10.1, 25.0, 10.05, -3.0])
-    assert robust_keep(scores, 1.5).tolist() == [True, True, True, True, False, True, False]
-    assert robust_keep(torch.full((4,), 3.0), 1.5).all()  # MAD 0: nothing to prune
+    scores = torch.tensor([10.0, 10.2, 9.9, 10.1, 25.0, 10.05, -3.0])  # mean 10.32, std 8.10: z 1.81 and -1.65
+    assert prune_mask(scores, 1.5).tolist() == [True, True, True, True, False, True, False]
+    assert prune_mask(torch.full((4,), 3.0), 1.5).all()  # std 0: nothing to prune
+    assert prune_mask(torch.tensor([7.0]), 0.1).tolist() == [True]  # one classifier: no spread to measure
 
 
 # ---- the baselines' losses and logits against an independent computation -----------------------------------
@@ -602,23 +604,26 @@ def test_kgcoop_weight_must_be_non_negative(tiny_backbone):
 
 
 # ---- BiomedCoOp ----------------------------------------------------------------------------------------------
-def _robust_keep_by_hand(scores: list[float], threshold: float) -> list[int]:
-    def median(v):
-        v = sorted(v)
-        return v[(len(v) - 1) // 2]  # torch.median: the lower of the two middle values
-
-    med = median(scores)
-    mad = median([abs(s - med) for s in scores])
-    return [j for j, s in enumerate(scores) if mad == 0 or abs(s - med) / (1.4826 * mad) <= threshold]
+KEPT_AT_1_5 = [1, 2, 3, 4]  # attribute 0 is the outlier on batch_of()'s images
+KEPT_AT_0_5 = [1, 2, 3]
 
 
-def _teacher_by_hand(backbone, scale, shots, prune_z):
-    """Attribute classifier j = attribute j of every class; its score = mean over shots of the max logit."""
+def _prune_by_hand(scores: list[float], threshold: float) -> list[int]:
+    """The public code's rule: the robust z-score standardised again, i.e. the z-score (unbiased std)."""
+    med = statistics.median_low(scores)
+    mad = statistics.median_low([abs(s - med) for s in scores])
+    robust = [(s - med) / mad for s in scores]
+    mean, std = statistics.mean(robust), statistics.stdev(robust)
+    return [j for j, z in enumerate(robust) if abs((z - mean) / std) <= threshold]
+
+
+def _teacher_by_hand(backbone, scale, images, prune_z):
+    """Attribute classifier j = attribute j of every class; its score = mean over the batch of the max logit."""
     attr = attributes_by_hand(backbone)
     classifiers = [torch.stack([a[j] for a in attr]) for j in range(len(ATTRS5[0]))]  # J x [C, D]
     scores = [max_logits.mean().item() for max_logits in
-              ((scale * shots @ c.T).max(dim=1).values for c in classifiers)]
-    kept = _robust_keep_by_hand(scores, prune_z)
+              ((scale * images @ c.T).max(dim=1).values for c in classifiers)]
+    kept = _prune_by_hand(scores, prune_z)
     return kept, unit(torch.stack([classifiers[j] for j in kept]).mean(0))
 
 
@@ -627,13 +632,9 @@ def test_biomedcoop_loss_equals_an_independent_computation(reduction, tau, tiny_
     # the tiny tower's prompts sit close to the attribute means: a large sccm weight makes that term visible
     knobs = {"sccm_lambda": 40.0, "kdsp_lambda": 1.3, "tau": tau, "kl_reduction": reduction}
     m = prompt_method("biomedcoop", tiny_backbone, knobs, attributes=ATTRS5)
-    shots, labels = shots_of(tiny_backbone.embed_dim)
-    m.setup(shots, labels)
-    kept, teacher_text = _teacher_by_hand(tiny_backbone, m.scale, shots, 1.5)
-    assert kept == [0, 1, 2, 4]  # one outlier pruned: the test sees whether pruning happens
-    assert m.kept_attributes == kept and m.checkpoint()["meta"]["kept_attributes"] == kept
-
     batch = batch_of(tiny_backbone.embed_dim)
+    kept, teacher_text = _teacher_by_hand(tiny_backbone, m.scale, batch["plain"], 1.5)
+    assert kept == KEPT_AT_1_5  # an outlier pruned on this batch: the test sees whether pruning happens
     total, stats = m.loss(batch)
     text = m.prompt_features(NAMES)[0].detach()
     logits = m.scale * batch["plain"] @ text.T
@@ -649,18 +650,16 @@ def test_biomedcoop_loss_equals_an_independent_computation(reduction, tau, tiny_
 
 
 def test_biomedcoop_prune_threshold_is_the_knob(tiny_backbone):
-    shots, labels = shots_of(tiny_backbone.embed_dim)
+    batch = batch_of(tiny_backbone.embed_dim)
     m = prompt_method("biomedcoop", tiny_backbone, {"prune_z": 0.5}, attributes=ATTRS5)
-    m.setup(shots, labels)
-    kept, _ = _teacher_by_hand(tiny_backbone, m.scale, shots, 0.5)
-    assert m.kept_attributes == kept == [1, 4]
+    kept, teacher_text = _teacher_by_hand(tiny_backbone, m.scale, batch["plain"], 0.5)
+    assert kept == KEPT_AT_0_5 and len(kept) < len(KEPT_AT_1_5)
+    assert torch.allclose(m.teacher(batch["plain"]), teacher_text, atol=1e-6)
 
 
-def test_biomedcoop_without_kdsp_needs_no_setup_and_without_both_no_attributes(tiny_backbone):
+def test_biomedcoop_without_kdsp_needs_no_teacher_and_without_both_no_attributes(tiny_backbone):
     batch = batch_of(tiny_backbone.embed_dim)
     m = prompt_method("biomedcoop", tiny_backbone, {"kdsp_lambda": 0.0, "sccm_lambda": 0.5}, attributes=ATTRS5)
-    m.setup(*shots_of(tiny_backbone.embed_dim))
-    assert m.kept_attributes is None and m._teacher is None
     _, stats = m.loss(batch)
     assert set(stats) == {"loss", "ce", "sccm", "acc"}
     plain = prompt_method("biomedcoop", tiny_backbone, {"kdsp_lambda": 0.0, "sccm_lambda": 0.0})
@@ -669,9 +668,6 @@ def test_biomedcoop_without_kdsp_needs_no_setup_and_without_both_no_attributes(t
     for knob in ("kdsp_lambda", "sccm_lambda"):
         with pytest.raises(ValueError, match="needs attributes by label id"):
             build_method("biomedcoop", tiny_backbone, {"biomedcoop": {knob: 0.1}}, INFO)
-    m = prompt_method("biomedcoop", tiny_backbone, {"sccm_lambda": 0.0}, attributes=ATTRS5)
-    with pytest.raises(RuntimeError, match=r"^biomedcoop: setup\(\) was not called \(train with biovlm.train.fit\)$"):
-        m.loss(batch)
 
 
 @pytest.mark.parametrize(("knobs", "message"), [
@@ -686,16 +682,21 @@ def test_biomedcoop_knob_errors(knobs, message, tiny_backbone):
         build_method("biomedcoop", tiny_backbone, {"biomedcoop": knobs}, INFO, attributes=ATTRS5)
 
 
-def test_robust_keep_uses_the_scaled_median_absolute_deviation():
-    from biovlm.methods.biomedcoop import robust_keep
+def test_prune_mask_is_the_z_score_with_the_unbiased_std():
+    from biovlm.methods.biomedcoop import prune_mask
 
-    # median 0, MAD 1: |z| = |s| / 1.4826; 2.2 / 1.4826 = 1.48 is kept at 1.5, 2.3 / 1.4826 = 1.55 is not
-    scores = torch.tensor([-1.0, 0.0, 1.0, 2.2, -2.3])
-    assert robust_keep(scores, 1.5).tolist() == [True, True, True, True, False]
-    assert robust_keep(scores, 1 / 1.4826).tolist() == [True, True, True, False, False]  # |z| = threshold: kept
-    everything = robust_keep(torch.tensor([1.0, 1.0, 1.0, 9.0]), 0.1)  # MAD 0: nothing is an outlier
+    # mean 0, unbiased std 2 (the population std, 1.79, would give 3 a z of 1.68 and prune it at 1.5)
+    scores = torch.tensor([-2.0, -1.0, -1.0, 1.0, 3.0])
+    assert scores.std().item() == pytest.approx(2.0)
+    assert prune_mask(scores, 1.5).tolist() == [True] * 5  # |z| = threshold: kept
+    assert prune_mask(scores, 1.45).tolist() == [True, True, True, True, False]
+    assert prune_mask(scores, 0.9).tolist() == [False, True, True, True, False]
+    everything = prune_mask(torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.1)
     assert everything.dtype == torch.bool and everything.tolist() == [True] * 4  # a mask, not ones to index with
-    assert robust_keep(torch.tensor([1.0, 2.0, 4.0, 9.0]), 1.4).tolist() == [True, True, True, False]  # lower median
+    assert _prune_by_hand([-2.0, -3.0, 0.0, 0.5, 3.5], 1.0) == prune_mask(
+        torch.tensor([-2.0, -3.0, 0.0, 0.5, 3.5]), 1.0).nonzero().flatten().tolist()
+
+
 
 
 # ---- CLIP-Adapter --------------------------------------------------------------------------------------------

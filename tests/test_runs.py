@@ -128,8 +128,12 @@ def test_attributes_for_a_run(inputs):
 
 
 def test_expected_feature_meta():
-    cfg = {"backbone": {"name": "tiny"}, "data": {"size": 28}, "features": {"views": 3}}
-    assert runs.expected_feature_meta(cfg, "x") == {"dataset": "x", "backbone": "tiny", "size": 28, "views": 3}
+    cfg = {"backbone": {"name": "tiny"}, "data": {"size": 28}, "features": {"views": 3, "normalize": "backbone",
+                                                                             "crop_scale": [0.5, 1]}}
+    assert runs.expected_feature_meta(cfg, "x") == {
+        "dataset": "x", "backbone": "tiny", "size": 28, "views": 3,
+        "transform": {"normalize": "backbone", "crop_scale": [0.5, 1.0], "jitter_p": 0.8, "blur_p": 0.5,
+                      "blur_kernel": 3}}
 
 
 @pytest.fixture(scope="module")

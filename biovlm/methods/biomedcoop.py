@@ -2,14 +2,16 @@
 
 - ``sccm``: MSE between the learned class text features and the mean attribute text feature of each class
   (weight ``sccm_lambda``).
-- ``kdsp``: KL(teacher || student) to an attribute-ensemble zero-shot teacher, whose outlier attributes are
-  pruned. Attribute classifier j (attribute j of every class) is scored by its mean max-logit over the training
-  shots; a robust z-score z_j = (s_j - median(s)) / (1.4826 * MAD(s)) flags outliers |z_j| > ``prune_z`` and the
-  teacher is the normalised mean of the kept classifiers (weight ``kdsp_lambda``, KL scaling ``kl_reduction``).
+- ``kdsp``: KL(teacher || student) to an attribute-ensemble zero-shot teacher whose outlier attributes are pruned
+  on every batch, as the public code (github.com/HealthX-Lab/BiomedCoOp, trainers/BiomedCoOp/
+  biomedcoop_biomedclip.py) does: attribute classifier j (attribute j of every class) scores the batch's mean
+  max-logit s_j; classifiers with |s_j - mean(s)| / std(s) > ``prune_z`` (its ``TAU``) are dropped and the teacher
+  is the normalised mean of the rest (weight ``kdsp_lambda``, KL scaling ``kl_reduction``, temperature ``tau``).
 
-Differences from the public implementation: the score is computed once on the training shots (the image tower is
-frozen and the features cached, so it is constant) instead of on every batch, and the z-score is the plain robust
-one (the public code standardises the robust z-scores a second time with their mean and std).
+The public code computes a robust z-score (s - median) / MAD and then standardises it with its mean and std; a
+standardised affine function of s is the plain z-score of s, which is what is computed here (and a batch whose
+scores are all equal prunes nothing, where the public code divides by a zero MAD). It has no KL temperature
+(``tau`` 1 reproduces it).
 """
 
 from __future__ import annotations
@@ -21,24 +23,20 @@ from biovlm.methods.base import PromptMethod, accuracy, check_non_negative, cosi
 from biovlm.methods.losses import KL_REDUCTIONS, kl_distill
 
 
-def robust_keep(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Bool mask of the scores whose robust z-score |s - median| / (1.4826 MAD) is <= threshold (all if MAD=0)."""
-    med = scores.median()
-    mad = (scores - med).abs().median()
-    if mad <= 0:
+def prune_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Bool mask of the scores whose z-score |s - mean| / std (unbiased) is <= threshold (all if std is 0)."""
+    if scores.numel() < 2:
         return torch.ones_like(scores, dtype=torch.bool)
-    return ((scores - med).abs() / (1.4826 * mad)) <= threshold
+    std = scores.std()
+    if not std > 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    return ((scores - scores.mean()).abs() / std) <= threshold
 
 
 class BiomedCoOp(PromptMethod):
     name = "biomedcoop"
     DEFAULTS = {"n_ctx": 4, "ctx_init": "", "sccm_lambda": 1.0, "kdsp_lambda": 1.0, "prune_z": 1.5, "tau": 1.0,
                 "kl_reduction": "reference"}
-
-    def __init__(self, backbone, knobs, info, class_ids, attributes=None):
-        super().__init__(backbone, knobs, info, class_ids, attributes)
-        self._teacher: torch.Tensor | None = None
-        self.kept_attributes: list[int] | None = None
 
     @property
     def needs_attributes(self) -> bool:  # type: ignore[override]
@@ -52,19 +50,12 @@ class BiomedCoOp(PromptMethod):
             raise ValueError(f"biomedcoop.kl_reduction must be one of {KL_REDUCTIONS}, "
                              f"got {self.knobs['kl_reduction']!r}")
 
-    def setup(self, features: torch.Tensor, labels: torch.Tensor, validation=None) -> None:
-        if self.knobs["kdsp_lambda"] <= 0:
-            return
+    def teacher(self, image_features: torch.Tensor) -> torch.Tensor:
+        """The pruned attribute-ensemble classifier [C, D] for this batch of image features [B, D]."""
         classifiers, _ = self.attribute_features(self.class_names, self.info, self.attributes)  # [J, C, D]
-        with torch.no_grad():
-            logits = cosine_logits(self.scale, features.to(self.device), classifiers, "nd,jcd->jnc")
-            scores = logits.max(dim=-1).values.mean(dim=-1)  # [J]
-            keep = robust_keep(scores, self.knobs["prune_z"])
-        self.kept_attributes = keep.nonzero().flatten().tolist()
-        self._teacher = F.normalize(classifiers[keep].mean(dim=0), dim=-1)
-
-    def extra_meta(self) -> dict:
-        return {"kept_attributes": self.kept_attributes}
+        logits = cosine_logits(self.scale, image_features, classifiers, "bd,jcd->jbc")
+        keep = prune_mask(logits.max(dim=-1).values.mean(dim=-1), self.knobs["prune_z"])  # scores [J]
+        return F.normalize(classifiers[keep].mean(dim=0), dim=-1)
 
     def loss(self, batch):
         f = batch["plain"]
@@ -78,9 +69,8 @@ class BiomedCoOp(PromptMethod):
             total = total + self.knobs["sccm_lambda"] * sccm
             terms["sccm"] = sccm.item()
         if self.knobs["kdsp_lambda"] > 0:
-            if self._teacher is None:
-                raise RuntimeError("biomedcoop: setup() was not called (train with biovlm.train.fit)")
-            teacher = cosine_logits(self.scale, f, self._teacher)
+            with torch.no_grad():
+                teacher = cosine_logits(self.scale, f, self.teacher(f))
             kdsp = kl_distill(logits, teacher, self.knobs["tau"], self.knobs["kl_reduction"])
             total = total + self.knobs["kdsp_lambda"] * kdsp
             terms["kdsp"] = kdsp.item()
