@@ -125,7 +125,8 @@ def build_table(info: DatasetInfo, attributes: list[list[str]], backbone: Backbo
 def save_table(table: ConfidenceTable, path: str | Path) -> None:
     """Write the table as JSON, one entry per pool image (its split index, label and cosines)."""
     record = {"format": TABLE_FORMAT, "dataset": table.dataset, "score": SCORE_NAME, "classes": table.class_names,
-              "attribute_template": table.attribute_template, "attributes": table.attributes, "logit_scale": table.logit_scale,
+              "attribute_template": table.attribute_template, "attributes": table.attributes,
+              "logit_scale": table.logit_scale,
               "images": [{"index": int(i), "label": int(y), "attribute_cosine": sim.tolist(),
                           "class_mean_cosine": csim.tolist()}
                          for i, y, sim, csim in zip(table.pool_indices, table.pool_labels, table.similarity,

@@ -38,6 +38,14 @@ COMMITTED_PARAMS.write_text(committed_file("params.yaml"))
 atexit.register(shutil.rmtree, COMMITTED_PARAMS.parent, ignore_errors=True)
 
 
+def demo_transform():
+    """The demo profile's view transform (its features: the backbone's own normalisation)."""
+    from biovlm.config import load_config
+    from biovlm.features import ViewTransform
+
+    return ViewTransform.from_config(load_config(COMMITTED_PARAMS, {"profile": "demo"})["features"])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """Tiny models run many small ops, which a second thread only slows down (10x+ when the other core is busy)."""

@@ -57,11 +57,46 @@ def test_demo_overlay_changes_values_and_keeps_the_rest():
     assert demo["data"]["root"] == paper["data"]["root"]
     assert demo["datasets"] == paper["datasets"] and demo["methods"] == paper["methods"]
     assert "data.synthetic" in demo["_from_profile"] and "train.momentum" not in demo["_from_profile"]
-    # the demo sets no method knob (only a method's own train schedule): `-S biovlm.x=...` means the same
-    # under every profile
-    assert not any(k.split(".")[0] in METHOD_KNOBS and k.split(".")[1] != "train" for k in demo["_from_profile"])
+    # the demo's only method knobs: the baselines' schedules and a random context where the published "a photo
+    # of a" does not fit the tiny tokenizer; BioVLM's knobs mean the same under every profile
+    knobs = {k for k in demo["_from_profile"] if k.split(".")[0] in METHOD_KNOBS
+             and k.split(".")[1] not in ("train", "per_run")}
+    assert knobs == {"coop.ctx_init", "cocoop.ctx_init", "kgcoop.ctx_init", "biomedcoop.ctx_init"}
+    assert not any(k.startswith("biovlm.") for k in demo["_from_profile"])
     assert raw_dir(demo, "pathmnist") == Path("data/raw/pathmnist/synthetic")
     assert raw_dir(paper, "pathmnist") == Path("data/raw/pathmnist")
+
+
+def test_per_run_values_apply_to_their_setting_and_dataset_only():
+    from biovlm.config import method_config
+
+    cfg = config()
+    few = method_config(cfg, "biomedcoop", "fewshot", "dermamnist")
+    assert (few["biomedcoop"]["sccm_lambda"], few["biomedcoop"]["kdsp_lambda"], few["train"]["epochs"]) == (5.0, 20.0,
+                                                                                                          100)
+    other = method_config(cfg, "biomedcoop", "fewshot", "pathmnist")  # no published config: train.py's defaults
+    assert (other["biomedcoop"]["sccm_lambda"], other["biomedcoop"]["kdsp_lambda"]) == (1.0, 1.0)
+    b2n = method_config(cfg, "biomedcoop", "base2new", "dermamnist")  # `all` first, then the dataset's
+    assert (b2n["biomedcoop"]["sccm_lambda"], b2n["biomedcoop"]["kdsp_lambda"], b2n["train"]["epochs"]) == (2.0, 0.5,
+                                                                                                          50)
+    assert b2n["train"]["batch_size"] == 4 and "per_run" not in b2n["biomedcoop"]
+    assert method_config(cfg, "kgcoop", "base2new", "pathmnist")["kgcoop"]["weight"] == 8.0
+    assert method_config(cfg, "kgcoop", "fewshot", "dermamnist")["kgcoop"]["weight"] == 8.0
+    assert method_config(cfg, "kgcoop", "fewshot", "pathmnist")["kgcoop"]["weight"] == 1.0
+    assert cfg["biomedcoop"]["per_run"]["fewshot"]["dermamnist"] == {"sccm_lambda": 5.0, "kdsp_lambda": 20.0}  # intact
+    # -S on a per-run value, a new entry, and the errors
+    assert method_config(config(**{"biomedcoop.per_run.fewshot.pathmnist.tau": 2.0}), "biomedcoop", "fewshot",
+                         "pathmnist")["biomedcoop"]["tau"] == 2.0
+    with pytest.raises(ConfigError, match=r"biomedcoop.per_run must be a mapping keyed by fewshot or base2new"):
+        config(**{"biomedcoop.per_run": {"crossdata": {}}})
+    with pytest.raises(ConfigError, match=r"per_run.fewshot must be a mapping keyed by dataset names or 'all'"):
+        config(**{"biomedcoop.per_run.fewshot": {"chestmnist": {}}})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) biomedcoop.per_run.fewshot.dermamnist.weight"):
+        config(**{"biomedcoop.per_run.fewshot.dermamnist.weight": 1.0})
+    with pytest.raises(ConfigError, match=r"biomedcoop.per_run.fewshot.dermamnist.train.lr must be a number > 0"):
+        config(**{"biomedcoop.per_run.fewshot.dermamnist.train": {"lr": -1}})
+    with pytest.raises(ConfigError, match=r"has no key biomedcoop.per_run.crossdata"):
+        config(**{"biomedcoop.per_run.crossdata.all.tau": 2.0})
 
 
 def test_overrides_win_over_the_profile():
@@ -78,8 +113,13 @@ def test_method_knobs_match_the_methods():
     registry = _registry()
     for name in METHODS:
         assert set(METHOD_KNOBS[name]) == set(registry[name].DEFAULTS), name
-        assert set(raw()[name] or {}) == set(registry[name].DEFAULTS), f"params.yaml section {name}"
-        assert {k: v for k, v in (raw()[name] or {}).items()} == registry[name].DEFAULTS, f"defaults of {name}"
+        knobs = {k: v for k, v in (raw()[name] or {}).items() if k not in ("train", "per_run")}
+        assert set(knobs) == set(registry[name].DEFAULTS), f"params.yaml section {name}"
+        # params.yaml's values are the methods' defaults, except the published "a photo of a" (4 tokens in
+        # BiomedCLIP's vocabulary, not in every backbone's: a library default must build on any backbone)
+        published = {**registry[name].DEFAULTS, **({"ctx_init": "a photo of a"}
+                                                   if name in ("coop", "cocoop", "kgcoop", "biomedcoop") else {})}
+        assert knobs == published, f"defaults of {name}"
 
 
 def test_a_method_may_have_its_own_train_schedule():
@@ -87,8 +127,10 @@ def test_a_method_may_have_its_own_train_schedule():
 
     cfg = config(**{"cocoop.train.epochs": 3})
     mcfg = method_config(cfg, "cocoop")
-    assert mcfg["train"]["epochs"] == 3 and mcfg["train"]["lr"] == cfg["train"]["lr"]
-    assert "train" not in mcfg["cocoop"] and method_config(cfg, "coop")["train"]["epochs"] == 50
+    assert mcfg["train"]["epochs"] == 3 and mcfg["train"]["batch_size"] == 1  # CoCoOp's published batch
+    assert mcfg["train"]["momentum"] == cfg["train"]["momentum"]  # the rest from the shared section
+    assert "train" not in mcfg["cocoop"] and "per_run" not in mcfg["cocoop"]
+    assert method_config(cfg, "biovlm")["train"] == cfg["train"]
     with pytest.raises(ConfigError, match=r"cocoop.train.epoch; valid keys here: batch_size, epochs"):
         config(**{"cocoop.train.epoch": 3})
     with pytest.raises(ConfigError, match=r"cocoop.train.lr must be a number > 0"):

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COMMITTED_PARAMS
+from conftest import COMMITTED_PARAMS, demo_transform
 
 from biovlm import runs
 from biovlm.config import load_config
@@ -202,7 +202,8 @@ def test_a_seeds_results_do_not_depend_on_the_other_configured_seeds(tiny_backbo
         folder = tmp_path / "-".join(map(str, seeds))
         for ds in DATASETS2:
             path = extract_features(ds, tiny_backbone, root=synthetic_root, size=28, views=2, seeds=seeds,
-                                    max_shots=4, batch_size=16, out=folder / "features" / f"{ds}.safetensors")
+                                    max_shots=4, batch_size=16,
+                                out=folder / "features" / f"{ds}.safetensors", transform=demo_transform())
             (folder / "filtered").mkdir(parents=True, exist_ok=True)
             save_table(build_table(get_dataset(ds), curated(ds), tiny_backbone, load_features(path)),
                        folder / "filtered" / f"{ds}.json")
@@ -259,7 +260,8 @@ def test_mismatched_feature_files_fail_before_training(tiny_backbone, synthetic_
     filtered.mkdir()
     for ds in ("breastmnist", "bloodmnist"):
         extract_features(ds, tiny_backbone, root=synthetic_root, size=28, views=1, seeds=[1], max_shots=4,
-                         batch_size=128, out=feats / f"{ds}.safetensors")
+                         batch_size=128, out=feats / f"{ds}.safetensors",
+                         transform=demo_transform())
         info = get_dataset(ds)
         pool = load_features(feats / f"{ds}.safetensors")
         table = build_table(info, [["a", "b"]] * info.n_classes, tiny_backbone, pool)

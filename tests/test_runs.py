@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import demo_transform
 from test_pipeline import DATASETS2, fake_inputs, small_config
 
 from biovlm import runs
@@ -146,7 +147,8 @@ def input_files(tiny_backbone, synthetic_root, tmp_path_factory):
     (folder / "filtered").mkdir()
     for ds in DATASETS2:
         path = extract_features(ds, tiny_backbone, root=synthetic_root, size=28, views=1, seeds=[1], max_shots=4,
-                                batch_size=128, out=folder / "features" / f"{ds}.safetensors")
+                                batch_size=128,
+                                out=folder / "features" / f"{ds}.safetensors", transform=demo_transform())
         info = get_dataset(ds)
         save_table(build_table(info, [["a", "b"]] * info.n_classes, tiny_backbone, load_features(path)),
                    folder / "filtered" / f"{ds}.json")

@@ -63,7 +63,7 @@ def bank_logits(scale: float, image_features: torch.Tensor, text: torch.Tensor) 
 class BioVLM(PromptMethod):
     name = "biovlm"
     DEFAULTS = {"bank_size": 10, "n_ctx": 4, "ctx_init": "", "select_ratio": 0.5, "teacher_ratio": 0.5,
-                "tau": 1.0, "l_ent": 0.5, "l_kd": 0.25, "l_aug": 0.25, "l_cos": 0.5, "kl_reduction": "batchmean"}
+                "tau": 1.0, "l_ent": 0.5, "l_kd": 1.0, "l_aug": 1.0, "l_cos": 0.5, "kl_reduction": "reference"}
 
     @property
     def n_contexts(self) -> int:  # type: ignore[override]

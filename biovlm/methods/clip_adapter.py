@@ -15,7 +15,7 @@ from biovlm.methods.base import Method, accuracy, check_positive_int, check_rati
 
 class ClipAdapter(Method):
     name = "clip_adapter"
-    DEFAULTS = {"alpha": 0.2, "reduction": 4}
+    DEFAULTS = {"alpha": 0.5, "reduction": 4}
 
     def __init__(self, backbone, knobs, info, class_ids, attributes=None):
         super().__init__(backbone, knobs, info, class_ids, attributes)

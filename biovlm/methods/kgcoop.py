@@ -11,7 +11,7 @@ from biovlm.methods.losses import text_alignment
 
 class KgCoOp(PromptMethod):
     name = "kgcoop"
-    DEFAULTS = {"n_ctx": 4, "ctx_init": "", "weight": 8.0}
+    DEFAULTS = {"n_ctx": 4, "ctx_init": "", "weight": 1.0}
 
     def validate_knobs(self) -> None:
         check_non_negative(self.name, self.knobs, "weight")
