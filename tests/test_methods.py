@@ -204,7 +204,7 @@ def _keep(rows: list[list[float]], ratio: float) -> list[int]:
 
 def test_biovlm_terms_equal_an_independent_computation(tiny_backbone):
     knobs = {"bank_size": 4, "select_ratio": 0.5, "teacher_ratio": 0.34, "tau": 2.0,
-             "l_ent": 0.3, "l_kd": 0.7, "l_aug": 1.1, "l_cos": 0.9}
+             "l_ent": 0.3, "l_kd": 0.7, "l_aug": 1.1, "l_cos": 0.9, "kl_reduction": "batchmean"}
     m = build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
     with torch.no_grad():  # a visibly different bank than the tiny tower's collapsed defaults
         m.ctx.mul_(50)
@@ -873,7 +873,8 @@ def test_biovlm_logits_route_the_bank_by_select_ratio(tiny_backbone):
 def test_biovlm_reference_kl_divides_by_bank_size_and_classes(tiny_backbone):
     knobs = {"bank_size": 3, "l_ent": 0.0, "l_cos": 0.0}
     batch = fixed_batch(tiny_backbone.embed_dim, INFO.n_classes)
-    mean = build_method("biovlm", tiny_backbone, {"biovlm": knobs}, INFO, attributes=ATTRS)
+    mean = build_method("biovlm", tiny_backbone, {"biovlm": {**knobs, "kl_reduction": "batchmean"}}, INFO,
+                        attributes=ATTRS)
     ref = build_method("biovlm", tiny_backbone, {"biovlm": {**knobs, "kl_reduction": "reference"}}, INFO,
                        attributes=ATTRS)
     for m in (mean, ref):

@@ -33,6 +33,11 @@ def small_config(**overrides) -> dict:
             "train.batch_size": 8, "biovlm.bank_size": 3, "filter.keep": 2,
             "profiles.demo.crossdata.sources": "all"}  # the demo's own source list holds one of DATASETS2
     base.update(overrides)
+    # the shared schedule for every method: the baselines' own (published) schedules and per-run values off
+    for method in ("coop", "cocoop", "kgcoop", "biomedcoop", "clip_adapter"):
+        if not any(k.startswith(f"{method}.") for k in overrides):
+            base[f"{method}.train"] = {"epochs": base["train.epochs"], "batch_size": base["train.batch_size"]}
+            base[f"{method}.per_run"] = {}
     return load_config(COMMITTED_PARAMS, base)
 
 
