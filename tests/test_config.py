@@ -96,7 +96,7 @@ def test_per_run_values_apply_to_their_setting_and_dataset_only():
         config(**{"biomedcoop.per_run.fewshot.dermamnist.weight": 1.0})
     with pytest.raises(ConfigError, match=r"biomedcoop.per_run.fewshot.dermamnist.train.lr must be a number > 0"):
         config(**{"biomedcoop.per_run.fewshot.dermamnist.train": {"lr": -1}})
-    with pytest.raises(ConfigError, match=r"has no key biomedcoop.per_run.crossdata"):
+    with pytest.raises(ConfigError, match=r"biomedcoop.per_run.crossdata is not a section of params.yaml"):
         config(**{"biomedcoop.per_run.crossdata.all.tau": 2.0})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) biomedcoop.per_run.fewshot.all.weight"):
         config(**{"biomedcoop.per_run.fewshot.all": {"weight": 1.0}})

@@ -75,8 +75,12 @@ def test_build_method_takes_its_knobs_from_the_config_and_all_classes_by_default
     m = build_method("kgcoop", tiny_backbone, {"kgcoop": {"weight": 2.5}, "coop": {"n_ctx": 9}}, INFO)
     assert m.knobs == {"n_ctx": 4, "ctx_init": "", "weight": 2.5}
     assert m.class_ids == list(range(8)) and m.class_names == NAMES
-    assert build_method("kgcoop", tiny_backbone, None, INFO).knobs["weight"] == 8.0
-    assert build_method("kgcoop", tiny_backbone, {"kgcoop": None}, INFO).knobs["weight"] == 8.0
+    assert build_method("kgcoop", tiny_backbone, None, INFO).knobs["weight"] == 1.0
+    assert build_method("kgcoop", tiny_backbone, {"kgcoop": None}, INFO).knobs["weight"] == 1.0
+    # a params.yaml section's schedule and per-run values are not knobs of the method
+    section = {"weight": 2.0, "train": {"epochs": 3}, "per_run": {"fewshot": {"all": {"weight": 5.0}}}}
+    assert build_method("kgcoop", tiny_backbone, {"kgcoop": section}, INFO).knobs == {"n_ctx": 4, "ctx_init": "",
+                                                                                      "weight": 2.0}
     m = build_method("coop", tiny_backbone, {}, INFO, class_ids=(5, 2))
     assert m.class_ids == [5, 2] and m.class_names == [NAMES[5], NAMES[2]]
     with pytest.raises(TypeError, match=exactly("attributes must be a list of attribute lists (one per class id); "
@@ -91,13 +95,13 @@ def test_default_knobs_of_every_method(tiny_backbone):
         "zeroshot": {}, "zeroshot_attr": {},
         "coop": {"n_ctx": 4, "ctx_init": ""},
         "cocoop": {"n_ctx": 4, "ctx_init": "", "meta_reduction": 16},
-        "kgcoop": {"n_ctx": 4, "ctx_init": "", "weight": 8.0},
+        "kgcoop": {"n_ctx": 4, "ctx_init": "", "weight": 1.0},
         "biomedcoop": {"n_ctx": 4, "ctx_init": "", "sccm_lambda": 1.0, "kdsp_lambda": 1.0, "prune_z": 1.5,
                        "tau": 1.0, "kl_reduction": "reference"},
-        "clip_adapter": {"alpha": 0.2, "reduction": 4},
+        "clip_adapter": {"alpha": 0.5, "reduction": 4},
         "linear_probe": {"C": "search", "search_steps": 8, "max_iter": 1000, "tol": 1e-4},
         "biovlm": {"bank_size": 10, "n_ctx": 4, "ctx_init": "", "select_ratio": 0.5, "teacher_ratio": 0.5,
-                   "tau": 1.0, "l_ent": 0.5, "l_kd": 0.25, "l_aug": 0.25, "l_cos": 0.5, "kl_reduction": "batchmean"},
+                   "tau": 1.0, "l_ent": 0.5, "l_kd": 1.0, "l_aug": 1.0, "l_cos": 0.5, "kl_reduction": "reference"},
     }
 
 

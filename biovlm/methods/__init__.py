@@ -56,6 +56,7 @@ def build_method(name: str, backbone, cfg: dict | None, info, attributes: Sequen
         raise TypeError("attributes must be a list of attribute lists (one per class id); "
                         "pass class_ids by keyword")
     cls = _registry()[name]
-    knobs = (cfg or {}).get(name) or {}
+    # a params.yaml section may also hold the method's schedule and per-run values (biovlm.config.method_config)
+    knobs = {k: v for k, v in ((cfg or {}).get(name) or {}).items() if k not in ("train", "per_run")}
     ids = list(range(info.n_classes)) if class_ids is None else list(class_ids)
     return cls(backbone, knobs, info, ids, attributes).to(backbone.device)
