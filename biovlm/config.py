@@ -114,7 +114,7 @@ METHOD_KNOBS: dict[str, dict[str, Any]] = {
 _SECTION_RULES: dict[str, dict[str, Any]] = {
     "data": {"root": _str, "size": _choice(28, 64, 128, 224), "synthetic": lambda v: isinstance(v, bool),
              "synthetic_n": None, "synthetic_seed": _int, "class_names": _choice(*CLASS_NAMES),
-             "attribute_template": _choice(*ATTRIBUTE_TEMPLATES)},
+             "attribute_template": _choice(*ATTRIBUTE_TEMPLATES), "template": None},
     "backbone": {"name": _str, "device": _str, "cache_dir": lambda v: v is None or isinstance(v, str),
                  "threads": lambda v: v is None or _pos_int(v)},
     "features": {"views": _pos_int, "batch_size": _pos_int, "seed": _int, "max_shots": _pos_int,
@@ -367,6 +367,12 @@ def validate(cfg: dict) -> None:
                 _check_section({**cfg, f"{where}.{key}": overlay}, f"{where}.{key}", {**rules, "train": None})
                 _check_overlay(cfg, f"{where}.{key}", overlay, rules)
 
+    from biovlm.data import check_template
+
+    try:
+        check_template(cfg["data"].get("template", "{}"))
+    except ValueError as e:
+        raise ConfigError(f"params.yaml: {_where(cfg, 'data.template')}: {e}") from None
     validate_backbone_name(cfg["backbone"].get("name"))
     device = cfg["backbone"].get("device", "auto")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
@@ -474,10 +480,10 @@ def raw_dir(cfg: Mapping, dataset: str) -> Path:
 def dataset_info(cfg: Mapping, dataset: str):
     """The registry entry of ``dataset`` with the prompt names of ``data.class_names`` (default: medmnist's) and the
     attribute wording of ``data.attribute_template`` (default: this project's)."""
-    from biovlm.data import get_dataset
+    from biovlm.data import PROJECT_TEMPLATE, get_dataset
 
     return get_dataset(dataset, cfg["data"].get("class_names", "medmnist"),
-                       cfg["data"].get("attribute_template", "project"))
+                       cfg["data"].get("attribute_template", "project"), cfg["data"].get("template", PROJECT_TEMPLATE))
 
 
 def feature_path(dataset: str) -> Path:

@@ -88,6 +88,10 @@ REFERENCE_PHRASES: dict[str, tuple[str, str]] = {
 # data.attribute_template in params.yaml: "reference" (REFERENCE_PHRASES, the public code's sentences) or
 # "project" ("<modality> of <class>, which has <attribute>").
 ATTRIBUTE_TEMPLATES = ("reference", "project")
+# data.template in params.yaml: the hand-written zero-shot sentence of the template baselines (zero-shot, KgCoOp's
+# anchor, CLIP-Adapter's classifier). Published (BiomedCoOp's prompt_templates.py for BiomedCLIP): "a photo of a {}.".
+PUBLISHED_TEMPLATE = "a photo of a {}."
+PROJECT_TEMPLATE = "a {modality} of {}."
 # data.class_names in params.yaml: which names the prompts use. "medmnist": medmnist's label texts (class_format
 # applied); "reference": REFERENCE_NAMES.
 CLASS_NAMES = ("reference", "medmnist")
@@ -109,6 +113,7 @@ class DatasetInfo:
     class_names: str = "medmnist"
     reference_phrase: tuple[str, str] = ("", "")  # prefix and suffix of the public code's attribute texts
     attribute_template: str = "project"
+    hand_template: str = PROJECT_TEMPLATE  # the zero-shot sentence: "{}" the class name, "{modality}" the modality
 
     @property
     def n_classes(self) -> int:
@@ -158,21 +163,35 @@ def _build_registry() -> dict[str, DatasetInfo]:
 DATASETS: dict[str, DatasetInfo] = _build_registry()
 
 
-def get_dataset(name: str, class_names: str = "medmnist", attribute_template: str = "project") -> DatasetInfo:
-    """The registry entry for ``name`` with the prompt names ``class_names`` ("medmnist" or "reference") and the
-    attribute wording ``attribute_template`` ("project" or "reference"); anything else (chestmnist, 3D sets, typos)
-    is a clear error."""
+def get_dataset(name: str, class_names: str = "medmnist", attribute_template: str = "project",
+                hand_template: str = PROJECT_TEMPLATE) -> DatasetInfo:
+    """The registry entry for ``name`` with the prompt names ``class_names`` ("medmnist" or "reference"), the
+    attribute wording ``attribute_template`` ("project" or "reference") and the zero-shot sentence
+    ``hand_template``; anything else (chestmnist, 3D sets, typos) is a clear error."""
     if class_names not in CLASS_NAMES:
         raise ValueError(f"unknown class names {class_names!r}; valid: {', '.join(CLASS_NAMES)}")
     if attribute_template not in ATTRIBUTE_TEMPLATES:
         raise ValueError(f"unknown attribute template {attribute_template!r}; valid: {', '.join(ATTRIBUTE_TEMPLATES)}")
+    check_template(hand_template)
     if name in DATASETS:
         info = DATASETS[name]
-        if (info.class_names, info.attribute_template) == (class_names, attribute_template):
+        wanted = {"class_names": class_names, "attribute_template": attribute_template, "hand_template": hand_template}
+        if all(getattr(info, k) == v for k, v in wanted.items()):
             return info
-        return replace(info, class_names=class_names, attribute_template=attribute_template)
+        return replace(info, **wanted)
     why = " (multi-label: not part of this single-label benchmark)" if name == "chestmnist" else ""
     raise ValueError(f"unknown dataset {name!r}{why}; valid names: {', '.join(DATASETS)}")
+
+
+def check_template(template: str) -> None:
+    """A hand template holds exactly one "{}" (the class name) and may hold "{modality}"."""
+    try:
+        ok = isinstance(template, str) and template.count("{}") == 1 and bool(template.format("x", modality="m"))
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"data.template must hold one '{{}}' for the class name (and may hold '{{modality}}'), "
+                         f"e.g. {PUBLISHED_TEMPLATE!r}; got {template!r}")
 
 
 def _check_size(size: int) -> None:

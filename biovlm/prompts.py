@@ -9,8 +9,9 @@ PLACEHOLDER = "X"
 
 
 def template_text(info: DatasetInfo, class_name: str) -> str:
-    """The hand template of the zero-shot baseline, e.g. ``"a breast ultrasound of malignant."``."""
-    return f"a {info.modality} of {class_name}."
+    """The hand template of the zero-shot baseline (``info.hand_template``), e.g. ``"a photo of a malignant."``
+    (published) or ``"a breast ultrasound of malignant."`` (this project's)."""
+    return info.hand_template.format(class_name, modality=info.modality)
 
 
 def attribute_text(info: DatasetInfo, class_name: str, attribute: str) -> str:
