@@ -105,8 +105,11 @@ def code_digest() -> str:
 def run_hash(method: str, cfg: Mapping, run: Run, inputs_digest: str, code: str) -> str:
     """Hash of everything a run's result depends on."""
     mcfg = method_config(cfg, method, run.setting, run.dataset)
+    data = cfg.get("data") or {}
+    texts = {k: data[k] for k in ("class_names", "attribute_template", "template") if k in data}  # prompt wording
     payload = {"format": RUN_FORMAT, "method": method, "knobs": mcfg[method], "train": mcfg["train"],
-               "keep": cfg["filter"]["keep"], "run": asdict(run), "inputs": inputs_digest, "code": code}
+               "keep": cfg["filter"]["keep"], "texts": texts, "run": asdict(run), "inputs": inputs_digest,
+               "code": code}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

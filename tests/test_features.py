@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,68 @@ def test_weak_and_strong_views_augment_the_plain_crop():
     assert all(torch.equal(some[f], views[f][3:5]) for f in views)
     other = view_tuples(images[3:5], [503, 504], view=2, seed=0, size=32)
     assert not torch.equal(other["plain"], some["plain"])
+
+
+def test_the_transform_knobs_act_on_the_views():
+    from biovlm.features import ViewTransform, view_tuples
+
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    indices = list(range(16))
+
+    def flipped_or_same(a, b):
+        return all(torch.equal(x, y) or torch.equal(x, y.flip(-1)) for x, y in zip(a, b, strict=True))
+
+    whole = ViewTransform(crop_scale=(1.0, 1.0), jitter_p=0.0, blur_p=0.0)  # no crop, no jitter, no blur
+    views = view_tuples(images, indices, view=0, seed=0, size=32, transform=whole)
+    assert flipped_or_same(views["plain"], images) and flipped_or_same(views["strong"], views["plain"])
+    jitter = view_tuples(images, indices, 0, 0, 32, ViewTransform(crop_scale=(1.0, 1.0), jitter_p=1.0, blur_p=0.0))
+    assert not any(flipped_or_same([s], [p]) for s, p in zip(jitter["strong"], jitter["plain"], strict=True))
+    # the published p 0.8 and 0.5: some strong views are jittered or blurred, and (with p 0.2 x 0.5) a few not
+    published = view_tuples(images.repeat(4, 1, 1, 1), list(range(64)), 0, 0, 32, ViewTransform())
+    untouched = sum(flipped_or_same([s], [p]) for s, p in zip(published["strong"], published["plain"], strict=True))
+    assert 1 <= untouched <= 20  # expected 6.4 of 64
+    # the crop scale: a small area zooms in (its pixels differ more from the image than a whole-image crop's)
+    small = view_tuples(images, indices, 0, 0, 32, ViewTransform(crop_scale=(0.08, 0.1), jitter_p=0.0, blur_p=0.0))
+    assert not flipped_or_same(small["plain"], images)
+
+
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"normalize": "clip"}, "features.normalize must be one of imagenet, backbone, got 'clip'"),
+    ({"crop_scale": (0.5, 0.2)}, "features.crop_scale must be [low, high] with 0 < low <= high <= 1, got [0.5, 0.2]"),
+    ({"crop_scale": (0.0, 1.0)}, "features.crop_scale must be [low, high] with 0 < low <= high <= 1, got [0.0, 1.0]"),
+    ({"blur_kernel": 4}, "features.blur_kernel must be an odd number of pixels, got 4"),
+])
+def test_a_bad_transform_is_named(knobs, message):
+    from biovlm.features import ViewTransform
+
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ViewTransform(**knobs)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("features.normalize", "clip", "one of imagenet, backbone"),
+    ("features.crop_scale", [0.9, 0.1], "[low, high] with 0 < low <= high <= 1 (area fractions)"),
+    ("features.crop_scale", 0.5, "[low, high] with 0 < low <= high <= 1 (area fractions)"),
+    ("features.jitter_p", 1.5, "a probability in [0, 1]"),
+    ("features.blur_p", -0.1, "a probability in [0, 1]"),
+    ("features.blur_kernel", 2, "an odd number of pixels"),
+])
+def test_config_names_a_bad_transform_knob(key, value, expected):
+    from conftest import COMMITTED_PARAMS
+
+    from biovlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'params.yaml: {key} must be {expected}, got {value!r}')}$"):
+        load_config(COMMITTED_PARAMS, {key: value})
+
+
+def test_the_transform_is_recorded_and_a_mismatch_refused(feature_file):
+    from biovlm.features import ViewTransform
+
+    assert read_meta(feature_file)["transform"] == ViewTransform().meta()
+    other = ViewTransform(normalize="backbone").meta()
+    with pytest.raises(ValueError, match=r"made with transform=.*'imagenet'.*but transform=.*'backbone'.*never mixed"):
+        load_features(feature_file, expect={"transform": other})
 
 
 def test_shots_map_nested_sets_into_the_pool(feature_file, synthetic_root):

@@ -61,14 +61,24 @@ def test_method_config_applies_the_methods_own_train_section():
 
 # ---------------------------------------------------------------------------------------------- hashes, files
 def test_run_hash_is_the_hash_of_everything_the_run_depends_on():
-    cfg = {"train": {"epochs": 5}, "coop": {"n_ctx": 4, "train": {"lr": 0.5}}, "filter": {"keep": 3}, "seeds": [9]}
+    cfg = {"train": {"epochs": 5}, "filter": {"keep": 3}, "seeds": [9],
+           "coop": {"n_ctx": 4, "train": {"lr": 0.5},
+                    "per_run": {"fewshot": {"bloodmnist": {"n_ctx": 2}, "all": {"train": {"epochs": 7}}},
+                                "base2new": {"bloodmnist": {"n_ctx": 3}}}},
+           "data": {"template": "a photo of a {}.", "class_names": "reference", "attribute_template": "reference",
+                    "size": 224}}
     run = R("fewshot", "bloodmnist", 4, 2)
-    payload = {"format": 1, "method": "coop", "knobs": {"n_ctx": 4}, "train": {"epochs": 5, "lr": 0.5}, "keep": 3,
+    payload = {"format": 1, "method": "coop", "knobs": {"n_ctx": 2}, "train": {"epochs": 7, "lr": 0.5}, "keep": 3,
+               "texts": {"template": "a photo of a {}.", "class_names": "reference", "attribute_template": "reference"},
                "run": {"setting": "fewshot", "dataset": "bloodmnist", "shots": 4, "seed": 2}, "inputs": "in",
                "code": "src"}
     expected = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     assert runs.run_hash("coop", cfg, run, "in", "src") == expected
     assert runs.run_hash("coop", {**cfg, "seeds": [1]}, run, "in", "src") == expected  # other settings: no effect
+    # a per-run value of another dataset does not touch this run; another template does
+    other = {**cfg, "coop": {**cfg["coop"], "per_run": {**cfg["coop"]["per_run"], "base2new": {}}}}
+    assert runs.run_hash("coop", other, run, "in", "src") == expected
+    assert runs.run_hash("coop", {**cfg, "data": {**cfg["data"], "template": "{}"}}, run, "in", "src") != expected
 
 
 def test_code_digest_hashes_every_code_file_by_name_and_bytes():
@@ -245,7 +255,12 @@ def test_mismatched_confidence_tables_are_named_exactly(input_files, tmp_path):
     message = f"{fpath} scores other pool images than {path}; rerun the filter stage (dvc repro filter)"
     with pytest.raises(runs.InputError, match=f"^{re.escape(message)}$"):
         runs.load_inputs(cfg, feats, filtered)
-    for record in ({"format": 1}, {"format": 2}):  # an older table, a damaged one
+    save_table(ConfidenceTable(**{**vars(table), "attribute_template": "reference"}), fpath)
+    message = (f"{fpath} was built with data.attribute_template 'reference', params.yaml asks for 'project'; rerun "
+               f"the filter stage (dvc repro filter)")
+    with pytest.raises(runs.InputError, match=f"^{re.escape(message)}$"):
+        runs.load_inputs(cfg, feats, filtered)
+    for record in ({"format": 1}, {"format": 3}):  # an older table, a damaged one
         fpath.write_text(json.dumps(record))
         with pytest.raises((ValueError, KeyError)) as reason:
             load_table(fpath)

@@ -148,6 +148,32 @@ def test_training_draws_one_view_tuple_per_image(tiny_backbone):
     assert len(set(plain.tolist())) == 5  # every view index drawn
 
 
+def test_every_image_sees_a_new_view_each_epoch_until_all_are_used(tiny_backbone):
+    """The public code augments afresh at every step: with V views and E <= V epochs, no image repeats a view; with
+    more epochs, each image uses all V before any repeats (epoch e: the (e mod V)-th of its own permutation)."""
+    n_views, epochs = 5, 7
+    feats = features_for(tiny_backbone.embed_dim, views=n_views)
+    feats.val_labels = None
+    n = len(feats.pool_labels)
+    for k in ("plain", "weak", "strong"):
+        feats.pool_views[k][:, :, 0] = torch.arange(n, dtype=torch.float32)[:, None]  # the image
+        feats.pool_views[k][:, :, 1] = torch.arange(n_views, dtype=torch.float32)  # the view
+    m = _BatchKeys(tiny_backbone, INFO)
+    m.loss = lambda batch: m.seen.append((batch["plain"][:, 0].clone(), batch["plain"][:, 1].clone())) or (
+        (batch["plain"] @ m.w).mean(), {"loss": 0.0, "acc": 0.0})
+    fit(m, feats, range(n), {"train": {"epochs": epochs, "batch_size": 8}}, seed=1)
+    per_epoch = -(-n // 8)
+    assert len(m.seen) == epochs * per_epoch
+    seen: dict[int, list[int]] = {i: [] for i in range(n)}
+    for image, view in m.seen:
+        for i, v in zip(image.long().tolist(), view.long().tolist(), strict=True):
+            seen[i].append(v)
+    for views in seen.values():
+        assert sorted(views[:n_views]) == list(range(n_views))  # the first 5 epochs: 5 different views
+        assert views[n_views:] == views[: epochs - n_views]  # then the same order again
+    assert len({tuple(v) for v in seen.values()}) > 1  # each image has its own order
+
+
 class _BatchKeys(_Recorder):
     """Records the keys of every batch and, per row, the image index carried by its clean and plain features."""
 
