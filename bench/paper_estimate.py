@@ -19,11 +19,14 @@ model loading per stage (seconds each), data download and extraction, attribute 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections import defaultdict
 
 from common import REPO, device_name, emit, machine, median, sync
+
+FIGURES = REPO / "docs" / "figures" / "paper_estimate.md"
 
 SMALL, LARGE = "breastmnist", "organamnist"  # 2 and 11 classes: the interpolation points
 
@@ -141,11 +144,11 @@ def project(cfg: dict, costs: dict[str, dict]) -> dict:
 
     result = {}
     for m in cfg["methods"]:
-        schedule = method_config(cfg, m)["train"]  # the shared train section with the method's own overrides
-        bs, epochs = schedule["batch_size"], schedule["epochs"]
         steps = train_s = val_s = eval_s = 0.0
         runs = plan_runs(cfg)
         for run in runs:
+            schedule = method_config(cfg, m, run.setting, run.dataset)["train"]  # shared < method's < per-run
+            bs, epochs = schedule["batch_size"], schedule["epochs"]
             c = infos[run.dataset].n_classes
             parts = [c] if run.setting == "fewshot" else [math.ceil(c / 2), c - math.ceil(c / 2)]
             train_c = parts[0]
@@ -233,7 +236,30 @@ def main(argv: list[str] | None = None) -> dict:
                "tower": {k: round(v, 3) if isinstance(v, float) else v for k, v in tower.items()},
                "machine": machine()}
     emit(figures)
+    FIGURES.write_text(figures_markdown(figures, cfg))
+    FIGURES.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def figures_markdown(fig: dict, cfg: dict) -> str:
+    m = fig["machine"]
+    rows = [f"| {name} | {r['runs']} | {r['steps']:,} | {r['train_h']:.2f} | {r['validation_h']:.2f} | "
+            f"{r['evaluation_h']:.2f} |" for name, r in fig["per_method"].items()]
+    return "\n".join([
+        "# Projected paper-profile time", "",
+        "<!-- written by `python bench/paper_estimate.py`; rerun it to refresh -->", "",
+        f"The published setup (params.yaml's top level: {len(cfg['datasets'])} datasets, {len(cfg['seeds'])} seeds, "
+        f"K = {', '.join(map(str, cfg['fewshot']['shots']))}, {cfg['features']['views']} views, each method's "
+        f"published schedule) projected from unit costs measured with `{fig['backbone']}` (BiomedCLIP's "
+        f"architecture) on `{fig['device']}`:", "",
+        f"- features: {fig['feature_encodings']:,} image encodings at {fig['image_tower_images_per_s']} images/s: "
+        f"**{fig['features_h']:.1f} h**",
+        f"- training and evaluation: **{fig['train_eval_h']:.1f} h**",
+        f"- total: **{fig['total_h']:.1f} h** ({fig['total_h'] / 24:.1f} days)", "",
+        "| method | runs | steps | train h | validation h | evaluation h |", "|---|---|---|---|---|---|", *rows, "",
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, Python {m.get('python')}; "
+        + ", ".join(f"{k} {v}" for k, v in (m.get("packages") or {}).items())
+        + f"; load average {m.get('loadavg_1min')} when measured.", ""])
 
 
 if __name__ == "__main__":
