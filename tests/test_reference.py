@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -24,10 +25,23 @@ from conftest import COMMITTED_PARAMS
 from biovlm import attributes as A
 from biovlm import reference as R
 from biovlm.config import ConfigError, load_config
-from biovlm.data import CLASS_NAMES, DATASETS, REFERENCE_NAMES, get_dataset
+from biovlm.data import CLASS_NAMES, DATASETS, REFERENCE_NAMES, REFERENCE_PHRASES, get_dataset
 from stages import attributes as stage
 
-MIRROR = Path("/work/.mirror/mainaksingha01+BioVLM/repo")  # a bare clone of the paper's code, where there is one
+# A local git clone of the paper's code (github.com/mainaksingha01/BioVLM) to check the pins and the registry
+# against, where one exists: BIOVLM_REFERENCE_CLONE=<path to the clone> python -m pytest tests/test_reference.py
+CLONE = os.environ.get("BIOVLM_REFERENCE_CLONE")
+
+
+def clone_file(path: str) -> bytes:
+    """A file of the paper's code at the pinned commit, from the clone (skips the test without one)."""
+    if not CLONE:
+        pytest.skip("set BIOVLM_REFERENCE_CLONE to a clone of github.com/mainaksingha01/BioVLM to check against it")
+    try:
+        return subprocess.run(["git", "-C", CLONE, "show", f"{R.COMMIT}:{path}"], capture_output=True,
+                              check=True).stdout
+    except subprocess.CalledProcessError:
+        pytest.skip(f"the clone at {CLONE} lacks {path} at commit {R.COMMIT}")
 
 
 def fixture_file(dataset: str, shuffle: bool = True) -> bytes:
@@ -119,19 +133,22 @@ def test_registry_maps_every_reference_key_once_and_covers_every_label():
         assert get_dataset(name, "reference").prompt_names == keys
 
 
-@pytest.mark.skipif(not MIRROR.exists(), reason=f"no snapshot of the paper's code at {MIRROR}")
 def test_pins_and_registry_keys_match_the_papers_files():
-    """Against a local snapshot of the paper's repository at the pinned commit, where one exists."""
+    """Against a local clone of the paper's repository at the pinned commit, where one exists."""
     for ds in DATASETS:
-        try:
-            blob = subprocess.run(["git", "-C", str(MIRROR), "show", f"{R.COMMIT}:attributes_medmnist/{ds}.json"],
-                                  capture_output=True, check=True).stdout
-        except subprocess.CalledProcessError:
-            pytest.skip(f"the snapshot at {MIRROR} lacks commit {R.COMMIT}")
+        blob = clone_file(f"attributes_medmnist/{ds}.json")
         assert hashlib.sha256(blob).hexdigest() == R.SHA256[ds], ds
         keys = list(json.loads(blob))
         assert sorted(keys) == sorted(REFERENCE_NAMES[ds]), ds
         assert keys == list(REFERENCE_NAMES[ds]), f"{ds}: the file lists its keys in label order too"
+
+
+def test_reference_wording_matches_the_papers_code():
+    """Every dataset's prefix and suffix as trainers/biovlm.py writes them (load_gpt_descriptions)."""
+    code = clone_file("trainers/biovlm.py").decode()
+    pattern = r"if cfg\.DATASET\.NAME == '(\w+)':\s*prefix = \"([^\"]*)\"\s*suffix = \"([^\"]*)\""
+    found = {name.lower(): (prefix, suffix) for name, prefix, suffix in re.findall(pattern, code)}
+    assert {ds: found[ds] for ds in DATASETS} == REFERENCE_PHRASES
 
 
 # ---------------------------------------------------------------------------------------------- download
@@ -322,3 +339,42 @@ def test_the_stage_writes_reference_records(served, tmp_path, monkeypatch, capsy
     rec = json.loads((tmp_path / "medmnist" / "retinamnist.json").read_text())
     assert rec["classes"][2] == "diabetic retinopathy grade 2"
     assert rec["attributes"] == expected_attributes("retinamnist")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_the_published_texts_run_through_the_pipeline_offline(served, tmp_path, monkeypatch):
+    """The paper profile's text settings (reference attributes from a local fixture in the real format, reference
+    class names and wording, the published template) through download, attributes, features, filter and train,
+    on the tiny backbone."""
+    import torch
+    from test_stages import write_params
+
+    from biovlm.filtering import load_table
+    from biovlm.prompts import attribute_text
+    from stages import download, features, filter, train
+
+    published = {"profiles.demo.llm.source": "reference", "profiles.demo.data.class_names": "reference",
+                 "profiles.demo.data.attribute_template": "reference",
+                 "profiles.demo.data.template": "a photo of a {}.", "methods": ["zeroshot", "biomedcoop", "biovlm"]}
+    write_params(tmp_path / "params.yaml", **published)
+    monkeypatch.chdir(tmp_path)
+    for ds in ("breastmnist", "bloodmnist"):
+        download.main([ds])
+    stage.main([])
+    features.main([])
+    filter.main([])
+    train.main([])
+
+    record = json.loads(Path("data/attributes/bloodmnist.json").read_text())
+    assert record["classes"] == list(REFERENCE_NAMES["bloodmnist"])
+    assert record["attributes"] == expected_attributes("bloodmnist")  # by label id, whatever the file's key order
+    table = load_table(Path("data/filtered/bloodmnist.json"))
+    info = get_dataset("bloodmnist", "reference", "reference", "a photo of a {}.")
+    assert table.attribute_template == "reference" and table.class_names == list(REFERENCE_NAMES["bloodmnist"])
+    assert attribute_text(info, info.prompt_names[0], table.attributes[0][0]) == (
+        "a microscopic image of basophil type of blood cell, which has made-up trait 0 of bloodmnist class 0")
+    for method in ("zeroshot", "biomedcoop", "biovlm"):
+        assert Path(f"checkpoints/{method}").is_dir(), method
+    state = torch.load(next(Path("checkpoints/biovlm/fewshot/bloodmnist").glob("*.pt")), weights_only=False)
+    assert state["rows"] and all(0 <= r["accuracy"] <= 100 for r in state["rows"])
+    assert sorted(h.split("/")[-1] for h in served.hits) == sorted(["breastmnist.json", "bloodmnist.json"])
