@@ -65,13 +65,16 @@ def measure_method(name: str, backbone, cfg: dict, dataset: str, batch_size: int
     from biovlm import attributes as attrs
     from biovlm import data
     from biovlm.methods import build_method
-    from biovlm.runs import method_config
+    from biovlm.config import method_config
     from biovlm.train import _autocast, predict
 
     info = data.get_dataset(dataset)
     keep = cfg["filter"]["keep"]
     attributes = [a[:keep] for a in attrs.curated(dataset)]
-    method = build_method(name, backbone, method_config(cfg, name), info, attributes=attributes)
+    mcfg = method_config(cfg, name)
+    if "ctx_init" in mcfg[name]:  # the stand-in's vocabulary splits "a photo of a" into 8 tokens; the cost is that
+        mcfg[name] = {**mcfg[name], "ctx_init": ""}  # of n_ctx context tokens either way
+    method = build_method(name, backbone, mcfg, info, attributes=attributes)
     batch = _batch(backbone, batch_size, info.n_classes)
     device = backbone.device.type
     out = {"classes": info.n_classes}
@@ -130,7 +133,8 @@ def project(cfg: dict, costs: dict[str, dict]) -> dict:
     """Seconds per method for training (steps + per-epoch validation) and evaluation, from the run plan."""
     from biovlm import data
     from biovlm.config import crossdata_sources
-    from biovlm.runs import method_config, plan_runs
+    from biovlm.config import method_config
+    from biovlm.runs import plan_runs
 
     seeds, k = len(cfg["seeds"]), cfg["features"]["max_shots"]
     infos = {ds: data.get_dataset(ds) for ds in cfg["datasets"]}
@@ -187,8 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     import features as feature_bench
 
     from biovlm.backbone import load_backbone
-    from biovlm.config import load_config
-    from biovlm.runs import method_config
+    from biovlm.config import load_config, method_config
 
     cfg = load_config(args.params, {"profile": "paper"})
     if args.methods:
