@@ -64,8 +64,8 @@ def measure_method(name: str, backbone, cfg: dict, dataset: str, batch_size: int
 
     from biovlm import attributes as attrs
     from biovlm import data
-    from biovlm.methods import build_method
     from biovlm.config import method_config
+    from biovlm.methods import build_method
     from biovlm.train import _autocast, predict
 
     info = data.get_dataset(dataset)
@@ -132,8 +132,7 @@ def feature_encodings(cfg: dict) -> dict[str, int]:
 def project(cfg: dict, costs: dict[str, dict]) -> dict:
     """Seconds per method for training (steps + per-epoch validation) and evaluation, from the run plan."""
     from biovlm import data
-    from biovlm.config import crossdata_sources
-    from biovlm.config import method_config
+    from biovlm.config import crossdata_sources, method_config
     from biovlm.runs import plan_runs
 
     seeds, k = len(cfg["seeds"]), cfg["features"]["max_shots"]
