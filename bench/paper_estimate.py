@@ -24,7 +24,7 @@ import math
 import time
 from collections import defaultdict
 
-from common import REPO, device_name, emit, machine, median, sync
+from common import REPO, device_name, emit, machine, median, replace_block, sync
 
 FIGURES = REPO / "docs" / "figures" / "paper_estimate.md"
 
@@ -240,6 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
     emit(figures)
     FIGURES.write_text(figures_markdown(figures, cfg))
     FIGURES.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
+    top = sorted(per_method.items(), key=lambda kv: -sum(v for k, v in kv[1].items() if k.endswith("_h")))[:3]
+    replace_block(REPO / "docs" / "performance.md", "paper-estimate",
+                  f"{total:,.0f} h ({total / 24:.0f} days): features {feature_h:.0f} h "
+                  f"({sum(encodings.values()):,} image encodings at {images_per_s:.2f} images/s), training and "
+                  f"evaluation {train_h:.0f} h, most of it "
+                  + ", ".join(f"{m} {sum(v for k, v in r.items() if k.endswith('_h')):.0f} h" for m, r in top)
+                  + f" (load average {figures['machine']['loadavg_1min']} when measured).")
     return figures
 
 
