@@ -78,7 +78,7 @@ def measure_method(name: str, backbone, cfg: dict, dataset: str, batch_size: int
     batch = _batch(backbone, batch_size, info.n_classes)
     device = backbone.device.type
     out = {"classes": info.n_classes}
-    method.setup(batch["clean"], batch["labels"])
+    method.setup(batch["clean"], batch["labels"], (batch["plain"], batch["labels"]))  # validation: the C search
     if method.trainable:
         opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
