@@ -49,6 +49,20 @@ class ConfigError(ValueError):
     """A value in params.yaml (or an override) that the pipeline cannot run with."""
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, reading floats as YAML 1.2 does: ``1e-06`` and ``5E3`` (what ``dvc exp run -S``
+    writes for small and large numbers) are floats, not the strings YAML 1.1 makes of a mantissa without a dot."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 # ----------------------------------------------------------------------------------------------- value rules
 def _pos_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
@@ -245,7 +259,7 @@ def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run from the repository root (where params.yaml lives)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     cfg = resolve(raw or {}, overrides)

@@ -270,3 +270,14 @@ def test_dvc_yaml_declares_existing_params_and_the_method_section():
     assert "filter" not in _declared_params(dvc["stages"]["filter"])
     for stage in ("download", "attributes", "features", "filter"):
         assert not set(METHODS) & set(_declared_params(dvc["stages"][stage].get("do", dvc["stages"][stage])))
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-06", 1e-06), ("1E-6", 1e-06), ("5e+3", 5000.0), ("1.0e-5", 1e-05),
+                                              (".5", 0.5), ("2e-3", 0.002)])
+def test_floats_in_every_form_dvc_writes_are_numbers(tmp_path, text, value):
+    """`dvc exp run -S train.warmup_lr=1e-6` writes `warmup_lr: 1e-06`, which YAML 1.1 reads as a string."""
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text().replace("  warmup_lr: 0.00001 ", f"  warmup_lr: {text} ", 1))
+    cfg = load_config(params)
+    assert cfg["train"]["warmup_lr"] == value and isinstance(cfg["train"]["warmup_lr"], float)
+    assert isinstance(cfg["train"]["epochs"], int) and cfg["features"]["crop_scale"] == [0.08, 1.0]
