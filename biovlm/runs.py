@@ -164,6 +164,28 @@ def expected_feature_meta(cfg: Mapping, dataset: str) -> dict:
             "views": cfg["features"]["views"], "transform": ViewTransform.from_config(cfg["features"]).meta()}
 
 
+def load_feature_file(cfg: Mapping, dataset: str, path: str | Path, fingerprint: str | None = None):
+    """The feature file of ``dataset``, checked field by field against ``cfg`` (backbone, image size, views,
+    transform, seeds and shots; the backbone's weights when ``fingerprint`` is given): InputError otherwise."""
+    from biovlm.features import load_features
+
+    expect = expected_feature_meta(cfg, dataset)
+    if fingerprint is not None:
+        expect["weights_sha256"] = fingerprint
+    try:
+        feats = load_features(path, expect=expect)
+    except (ValueError, KeyError) as e:
+        raise InputError(f"{path} does not match params.yaml ({e}); rerun the features stage "
+                         f"(dvc repro features)") from None
+    meta, need_k, seeds = feats.meta, max(all_shots(cfg)), list(cfg["seeds"])
+    missing_seeds = sorted(set(seeds) - set(meta["seeds"]))  # load_features checked the format: both are there
+    if missing_seeds or int(meta["max_shots"]) < need_k:
+        raise InputError(f"{path} holds shots for seeds {meta['seeds']} up to K={meta['max_shots']}, "
+                         f"but params.yaml asks for seeds {seeds} and K up to {need_k}; rerun the features "
+                         f"stage (dvc repro features)")
+    return feats
+
+
 def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_dir: str | Path | None = FILTERED_DIR,
                 datasets: Sequence[str] | None = None) -> dict[str, DatasetInputs]:
     """Load and check the feature file and confidence table of every dataset, before any training."""
@@ -180,24 +202,12 @@ def load_inputs(cfg: Mapping, features_dir: str | Path = FEATURES_DIR, filtered_
             raise InputError(f"confidence table(s) {', '.join(missing)} missing; run the filter stage first "
                              f"(dvc repro filter)")
 
-    from biovlm.features import load_features
     from biovlm.filtering import load_table
 
-    need_k, seeds = max(all_shots(cfg)), list(cfg["seeds"])
     inputs = {}
     for ds in datasets:
         info, path = dataset_info(cfg, ds), paths[ds]
-        try:
-            feats = load_features(path, expect=expected_feature_meta(cfg, ds))
-        except (ValueError, KeyError) as e:
-            raise InputError(f"{path} does not match params.yaml ({e}); rerun the features stage "
-                             f"(dvc repro features)") from None
-        meta = feats.meta
-        missing_seeds = sorted(set(seeds) - set(meta["seeds"]))  # load_features checked the format: both are there
-        if missing_seeds or int(meta["max_shots"]) < need_k:
-            raise InputError(f"{path} holds shots for seeds {meta['seeds']} up to K={meta['max_shots']}, "
-                             f"but params.yaml asks for seeds {seeds} and K up to {need_k}; rerun the features "
-                             f"stage (dvc repro features)")
+        feats = load_feature_file(cfg, ds, path)
         table, digest = None, file_digest(path)
         if filtered_dir is not None:
             fpath = Path(filtered_dir) / f"{ds}.json"

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:  # before loading the backbone, which takes seconds
         raise FileNotFoundError(f"missing inputs {', '.join(missing)}; run the attributes and features stages")
 
-    from biovlm import backbone, features, filtering  # torch and open_clip: only after the config is valid
+    from biovlm import backbone, filtering, runs  # torch and open_clip: only after the config is valid
 
     model = backbone.load_backbone(name, device=config.torch_device(cfg), cache_dir=cfg["backbone"]["cache_dir"])
     out = Path(args.out)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         if rec["classes"] != list(info.prompt_names):
             raise ValueError(f"{args.attributes}/{ds}.json lists classes {rec['classes']}, expected "
                              f"{list(info.prompt_names)}: rerun the attributes stage")
-        feats = features.load_features(fpaths[ds], expect={"dataset": ds, "backbone": name})
+        feats = runs.load_feature_file(cfg, ds, fpaths[ds], model.fingerprint)  # every field, not just the name
         table = filtering.build_table(info, rec["attributes"], model, feats)
         filtering.save_table(table, out / f"{ds}.json")
         p, c, n = table.similarity.shape

@@ -247,6 +247,45 @@ def test_filter_errors_name_every_missing_input_and_stale_attributes(built, tmp_
     assert list((tmp_path / "tables").iterdir()) == []
 
 
+@pytest.mark.parametrize(("override", "field", "made", "asked"), [
+    ({"profiles.demo.data.size": 64}, "size", "28", "64"),
+    ({"profiles.demo.features.views": 2}, "views", "1", "2"),
+    ({"profiles.demo.features.normalize": "imagenet"}, "transform", "'backbone'", "'imagenet'"),
+    ({"profiles.demo.backbone.name": "tiny-pretrained"}, "backbone", "'tiny'", "'tiny-pretrained'"),
+])
+def test_filter_refuses_features_made_with_other_settings(built, tmp_path, monkeypatch, capsys, override, field, made,
+                                                          asked):
+    """Features of another image size, view count, transform or backbone are never scored (the filter used to check
+    the dataset and backbone name only, and re-ranked attributes on 64-px features in a 28-px run)."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", **override)
+    argv = ["--attributes", str(built / "data" / "attributes"), "--features", str(built / "features"),
+            "--out", "tables"]
+    err = stage_error(capsys, "filter", filter_stage.main, argv)
+    path = built / "features" / "breastmnist.safetensors"
+    assert err.startswith(f"filter: error: {path} does not match params.yaml ({path} was made with {field}=")
+    assert made in err and f"but {field}=" in err and asked in err
+    assert err.endswith("rerun the features stage (dvc repro features)")
+    assert list((tmp_path / "tables").iterdir()) == []
+
+
+def test_filter_refuses_features_of_other_weights_or_too_few_shots(built, tmp_path, monkeypatch, capsys):
+    from biovlm.backbone import Backbone
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", **{"features.max_shots": 4, "profiles.demo.fewshot.shots": [1, 4]})
+    argv = ["--attributes", str(built / "data" / "attributes"), "--features", str(built / "features"),
+            "--out", "tables"]
+    path = built / "features" / "breastmnist.safetensors"
+    assert stage_error(capsys, "filter", filter_stage.main, argv) == (
+        f"filter: error: {path} holds shots for seeds [1] up to K=2, but params.yaml asks for seeds [1] and K up to "
+        f"4; rerun the features stage (dvc repro features)")
+    write_params(tmp_path / "params.yaml")
+    monkeypatch.setattr(Backbone, "fingerprint", property(lambda self: "0" * 64))
+    err = stage_error(capsys, "filter", filter_stage.main, argv)
+    assert "was made with weights_sha256=" in err and f"but weights_sha256={'0' * 64!r} is asked for" in err
+
+
 def test_train_writes_results_environment_and_curves_of_every_method(built):
     for method in METHODS2:
         df = pd.read_csv(built / "results" / f"{method}.csv")
