@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -264,6 +265,10 @@ def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     cfg = resolve(raw or {}, overrides)
     validate(cfg)
+    if os.environ.get("DVC_EXP_NAME"):  # a stage of `dvc exp run`: params.yaml must not change under it
+        from biovlm.workspace import check_params
+
+        check_params(path)
     return cfg
 
 
@@ -534,7 +539,6 @@ def describe_profile(cfg: Mapping) -> str:
 def stage_main(name: str, main, argv: list[str] | None = None) -> None:
     """Run a stage's ``main``; a user error (bad value, missing or mismatched file, failed download) exits with
     its message instead of a traceback. ``BIOVLM_DEBUG=1`` shows the traceback."""
-    import os
     import sys
 
     try:
