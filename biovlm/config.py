@@ -273,11 +273,19 @@ def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
 
 
 # ----------------------------------------------------------------------------------------------- validation
+def _key(cfg: Mapping, key: str) -> str:
+    """The dotted key to edit to change ``key``: under the profile's overlay if the profile sets it (or a key
+    inside it), else ``key`` itself."""
+    touched = cfg.get("_from_profile", ())
+    if key in touched or any(t.startswith(f"{key}.") for t in touched):
+        return f"profiles.{cfg['_profile']}.{key}"
+    return key
+
+
 def _where(cfg: Mapping, key: str) -> str:
     """How to change ``key``: through the profile overlay if the profile set it, else at the top level."""
-    if key in cfg.get("_from_profile", ()):
-        return f"profiles.{cfg['_profile']}.{key} (profile {cfg['_profile']!r} sets it)"
-    return key
+    where = _key(cfg, key)
+    return f"{where} (profile {cfg['_profile']!r} sets it)" if where != key else key
 
 
 def _fail(cfg: Mapping, key: str, value: Any, expected: str, hint: str = "") -> None:
@@ -447,10 +455,11 @@ def _check_synthetic(cfg: dict, datasets: list[str], biggest: int) -> None:
     if per_class < biggest:
         _fail(cfg, "data.synthetic_n", counts,
               f"large enough for {biggest} shots per class", f"{widest} has {most} classes, so its synthetic train "
-              f"split holds {per_class} per class: set data.synthetic_n.train >= {biggest * most} or lower the shots")
+              f"split holds {per_class} per class: set {_key(cfg, 'data.synthetic_n')}.train >= {biggest * most} "
+              f"or lower the shots")
     if counts["val"] // most < min(biggest, 4):
         _fail(cfg, "data.synthetic_n", counts, f"large enough for {min(biggest, 4)} validation shots per class",
-              f"set data.synthetic_n.val >= {min(biggest, 4) * most}")
+              f"set {_key(cfg, 'data.synthetic_n')}.val >= {min(biggest, 4) * most}")
     if counts["test"] < most:
         _fail(cfg, "data.synthetic_n", counts, f"at least {most} test images (one per class of {widest})")
 

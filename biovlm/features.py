@@ -238,7 +238,8 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
     normalize = transform.normalizer(backbone)
     train_images, train_labels = data.load_split(dataset, "train", size, root)
     val_images, val_labels = data.load_split(dataset, "val", size, root)
-    pool = _union([sampling.few_shot_indices(train_labels, max_shots, s) for s in seeds])  # checks class counts first
+    too_many = f"features.max_shots (the feature pool holds that many per class; {dataset}'s train split is smaller)"
+    pool = _union([sampling.few_shot_indices(train_labels, max_shots, s, knob=too_many) for s in seeds])
     val = _union([sampling.val_shot_indices(val_labels, max_shots, s) for s in seeds])
 
     test_images, test_labels = data.load_split(dataset, "test", size, root)

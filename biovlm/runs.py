@@ -305,7 +305,7 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
     the runs of a static method) reuses evaluations that cannot differ between runs."""
     from biovlm.methods import NotTransferable, build_method
     from biovlm.sampling import base_novel_split
-    from biovlm.train import fit
+    from biovlm.train import NonFiniteLossError, fit
 
     n = data.info.n_classes
     if run.setting == "fewshot":
@@ -321,7 +321,10 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
     history: dict = {"epochs": [], "steps": 0, "seconds": 0.0, "skipped": None}
     if len(train_ids) > 1:
         val_rows = data.features.val_shots(run.seed, run.shots)  # the run's own seed; fit keeps its classes
-        history = fit(method, data.features, positions, cfg, run.seed, log=log, val_rows=val_rows)
+        try:
+            history = fit(method, data.features, positions, cfg, run.seed, log=log, val_rows=val_rows)
+        except NonFiniteLossError as e:  # name the run: which dataset, K and seed diverged
+            raise NonFiniteLossError(f"{run.name}: {e}") from None
     else:
         history["skipped"] = "one training class: every prediction is that class"
     batch = cfg["train"].get("eval_batch_size", 1024)  # pragma: no mutate: predictions do not depend on the batch size

@@ -11,12 +11,13 @@ import math
 import numpy as np
 
 
-def few_shot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+def few_shot_indices(labels: np.ndarray, k: int, seed: int,
+                     knob: str = "the shot count (fewshot.shots / base2new.shots)") -> np.ndarray:
     """Sorted indices of ``k`` examples per class, deterministic for ``seed`` and nested across ``k``.
 
     Each class draws one fixed permutation from a generator seeded by ``(seed, class)`` and takes its first ``k``
     entries, so for one seed the 1-shot set lies inside the 2-shot set, ..., inside the 16-shot set, and no class's
-    draw depends on another's.
+    draw depends on another's. ``knob`` names what to lower when a class is too small.
     """
     labels = np.asarray(labels).reshape(-1)
     if k <= 0:
@@ -28,7 +29,7 @@ def few_shot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
         if len(members) < k:
             raise ValueError(
                 f"class {c} has only {len(members)} examples, fewer than the {k} shots asked for; "
-                f"lower the shot count (fewshot.shots / base2new.shots)"
+                f"lower {knob}"
             )
         order = np.random.default_rng([seed, c]).permutation(len(members))
         chosen.append(members[order[:k]])

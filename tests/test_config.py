@@ -213,6 +213,14 @@ def test_profile_rules():
         config(profile="demo", **{"profiles.demo.fewshot.shots": [0]})
 
 
+def test_synthetic_hint_names_the_key_the_profile_sets():
+    """The demo sets data.synthetic_n: the fix is under profiles.demo, where -S must change it."""
+    with pytest.raises(ConfigError, match=r"set profiles\.demo\.data\.synthetic_n\.train >= 176 or lower the shots$"):
+        config(profile="demo", **{"profiles.demo.data.synthetic_n.train": 100})
+    with pytest.raises(ConfigError, match=r"; set profiles\.demo\.data\.synthetic_n\.val >= 44$"):
+        config(profile="demo", **{"profiles.demo.data.synthetic_n.val": 20})
+
+
 def test_synthetic_twins_must_hold_the_shots():
     with pytest.raises(ConfigError, match=r"organamnist has 11 classes.*data.synthetic_n.train >= 176"):
         config(profile="demo", data__synthetic_n={"train": 100, "val": 60, "test": 30})

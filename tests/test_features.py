@@ -186,7 +186,9 @@ def test_missing_file_names_the_stage(tmp_path):
 
 
 def test_too_few_training_images_fail_before_encoding(synthetic_root, tiny_backbone, tmp_path):
-    with pytest.raises(ValueError, match="class 0 has only 33 examples, fewer than the 40 shots"):
+    with pytest.raises(ValueError, match=r"^class 0 has only 33 examples, fewer than the 40 shots asked for; lower "
+                                         r"features\.max_shots \(the feature pool holds that many per class; "
+                                         r"bloodmnist's train split is smaller\)$"):
         extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=1, seeds=[1],
                          max_shots=40, out=tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()

@@ -499,3 +499,17 @@ def test_results_frame_orders_by_setting_then_cells():
         ("fewshot", "a", 1, 2, "all"), ("fewshot", "a", 4, 1, "all"), ("fewshot", "a", 4, 2, "all"),
         ("fewshot", "b", 1, 1, "all"), ("base2new", "a", 4, 1, "base"), ("base2new", "a", 4, 1, "novel"),
         ("crossdata", "a", 4, 1, "all")]
+
+
+def test_a_diverging_run_is_named_by_dataset_k_and_seed(tiny_backbone, inputs, monkeypatch):
+    from biovlm.methods.coop import CoOp
+    from biovlm.train import NonFiniteLossError
+
+    def diverging(self, batch):
+        loss = (self.ctx * float("nan")).sum()
+        return loss, {"loss": float("nan"), "acc": 0.0}
+
+    monkeypatch.setattr(CoOp, "loss", diverging)
+    cfg = small_config()
+    with pytest.raises(NonFiniteLossError, match=r"^fewshot/bloodmnist/k4_seed2: coop: loss term\(s\) 'loss' became "):
+        runs.train_and_evaluate("coop", cfg, tiny_backbone, inputs["bloodmnist"], R("fewshot", "bloodmnist", 4, 2))
