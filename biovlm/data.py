@@ -6,16 +6,19 @@ torchvision (about 6 s per process, and the pipeline starts dozens of processes)
 
 Splits are read from the official ``.npz`` once, streamed member by member into uncompressed ``.npy`` files next
 to it (``<root>/.extracted/``), and then opened with ``np.load(mmap_mode="r")``: a 224-px TissueMNIST split
-(8.3 GB for train) is never held in memory.
+(8.3 GB for train) is never held in memory. A manifest of the extracted files' sizes and content hashes is checked
+on every read; a deleted, truncated or changed file is re-extracted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import mmap
 import os
+import sys
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -24,9 +27,23 @@ from pathlib import Path
 
 import numpy as np
 
+from biovlm import storage
+
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
 SYNTHETIC_MANIFEST = "SYNTHETIC.json"
+ARRAYS = tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "labels"))
+# The extracted cache (<root>/.extracted/<npz stem>/) holds one .npy per array and this manifest: the npz it came
+# from (name, size, mtime) and each file's size and content hash, checked on every read. Files up to
+# FULL_HASH_BYTES (every label file, small image files) are hashed whole; larger ones by SAMPLE_BLOCKS blocks of
+# SAMPLE_BLOCK bytes spread evenly over the file (4 MiB read, milliseconds). Sizes catch deleted and truncated
+# files and the samples a zeroed or rewritten one, but not a change confined between two samples: hashing all of
+# a 20 GB split on every read would take about a minute.
+EXTRACTED_MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+FULL_HASH_BYTES = 32 << 20
+SAMPLE_BLOCKS = 64
+SAMPLE_BLOCK = 64 << 10
 
 # Per-dataset facts that medmnist.INFO does not hold: the phrase that says what kind of image it is (used in every
 # text prompt) and, for RetinaMNIST, how its bare grade labels "0".."4" read in a sentence.
@@ -290,67 +307,157 @@ def _extracted_dir(path: Path) -> Path:
     return path.parent / ".extracted" / path.stem
 
 
+def _read_member_header(member, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(member)
+    if fortran_order:
+        raise ValueError(f"{key} is stored in Fortran order; MedMNIST files are C-ordered: is this file intact?")
+    return shape, dtype
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The header ``np.lib.format.open_memmap`` would write for a C-ordered array."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
 def _stream_member_to_npy(archive: zipfile.ZipFile, key: str, target: Path, rows_per_chunk: int = 2048) -> None:
-    """Copy one array out of an npz into an uncompressed .npy, a few thousand rows at a time."""
+    """Copy one array out of an npz into an uncompressed .npy, a few thousand rows at a time.
+
+    The file's space is reserved before the first row is written and the rows go in with plain writes, not through
+    a memory map: a write through a map that finds the disk full kills the process with SIGBUS ("Bus error", no
+    message) and leaves a sparse temporary file behind.
+    """
     with archive.open(f"{key}.npy") as member:
-        version = np.lib.format.read_magic(member)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(member)
-        if fortran_order:
-            raise ValueError(f"{key} is stored in Fortran order; MedMNIST files are C-ordered: is this file intact?")
-        tmp = target.with_suffix(".tmp.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        shape, dtype = _read_member_header(member, key)
+        header = _npy_header(shape, dtype)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        for start in range(0, shape[0], rows_per_chunk):
-            stop = min(start + rows_per_chunk, shape[0])
-            buf = member.read((stop - start) * row_bytes)
-            out[start:stop] = np.frombuffer(buf, dtype=dtype).reshape((stop - start, *shape[1:]))
-        out.flush()
-        del out
-    os.replace(tmp, target)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "r+b") as out:  # the reserved file: "wb" would give its space back
+                out.write(header)
+                for start in range(0, shape[0], rows_per_chunk):
+                    n = (min(start + rows_per_chunk, shape[0]) - start) * row_bytes
+                    buf = member.read(n)
+                    if len(buf) != n:
+                        raise ValueError(f"{archive.filename}: {key} ends before its {shape[0]} rows: is this file "
+                                         f"intact?")
+                    out.write(buf)
+
+        storage.atomic_write(target, write, len(header) + shape[0] * row_bytes,
+                             f"extracting {key} from {Path(archive.filename).name}", preallocate=True)
 
 
-def _extract(path: Path) -> Path:
-    """One-time extraction of every split of ``path``; reused while the npz's size and mtime are unchanged."""
-    folder = _extracted_dir(path)
+def _source_stamp(path: Path) -> dict:
     stat = path.stat()
-    stamp = {"source": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    marker = folder / "source.json"
-    if marker.exists() and json.loads(marker.read_text()) == stamp:
-        return folder
+    return {"name": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def content_stamp(path: str | Path) -> dict:
+    """Size and SHA-256 of an extracted file: of every byte up to ``FULL_HASH_BYTES``, else of ``SAMPLE_BLOCKS``
+    blocks of ``SAMPLE_BLOCK`` bytes spread evenly from the first byte to the last (see ``EXTRACTED_MANIFEST``)."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            return {"bytes": size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        digest = hashlib.sha256()
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(max(size - SAMPLE_BLOCK, 0) * i // (SAMPLE_BLOCKS - 1))
+            digest.update(f.read(SAMPLE_BLOCK))
+    return {"bytes": size, "sampled_sha256": digest.hexdigest()}
+
+
+def _damage(file: Path, stamp: dict | None) -> str | None:
+    """Why an extracted file cannot be trusted (None: it is as extracted)."""
+    if stamp is None:
+        return "was not extracted"
+    if not file.exists():
+        return "is missing"
+    size = file.stat().st_size
+    if size != stamp["bytes"]:
+        return f"has {size} bytes, {stamp['bytes']} were extracted"
+    if content_stamp(file) != stamp:
+        return "has other content than was extracted"
+    return None
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        manifest = json.loads((folder / EXTRACTED_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    storage.atomic_write(folder / EXTRACTED_MANIFEST, lambda tmp: tmp.write_text(text), len(text),
+                         f"writing {EXTRACTED_MANIFEST}")
+
+
+def _extract(path: Path, keys: tuple[str, ...] = ARRAYS) -> Path:
+    """Extract the arrays ``keys`` of ``path`` (every array when the npz is not the manifest's source), recording
+    each in the manifest as soon as it is complete. The files being replaced are deleted first: they are stale or
+    damaged, and their space is needed."""
+    folder = _extracted_dir(path)
     folder.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
+    manifest = _read_manifest(folder)
+    if manifest is None or manifest["source"] != _source_stamp(path):
+        manifest, keys = {"format": MANIFEST_FORMAT, "source": _source_stamp(path), "arrays": {}}, ARRAYS
+        (folder / EXTRACTED_MANIFEST).unlink(missing_ok=True)
+        (folder / "source.json").unlink(missing_ok=True)  # the stamp of earlier versions, without content hashes
+        for leftover in folder.glob("*.tmp.npy"):  # earlier versions' temporary files
+            leftover.unlink()
+    storage.remove_stale_temporaries(folder)
     with zipfile.ZipFile(path) as archive:
         members = {n.removesuffix(".npy") for n in archive.namelist()}
-        expected = {f"{s}_{part}" for s in SPLITS for part in ("images", "labels")}
-        if missing := sorted(expected - members):
+        if missing := sorted(set(ARRAYS) - members):
             raise ValueError(f"{path} lacks the arrays {missing}; it is not a MedMNIST file")
-        for key in sorted(expected):
+        for key in keys:
+            manifest["arrays"].pop(key, None)
+            (folder / f"{key}.npy").unlink(missing_ok=True)
+        needed = 0
+        for key in keys:
+            with archive.open(f"{key}.npy") as member:
+                shape, dtype = _read_member_header(member, key)
+            needed += len(_npy_header(shape, dtype)) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        storage.check_free(folder, needed, f"extracting {path.name}")  # before minutes of work, not after
+        for key in keys:
             _stream_member_to_npy(archive, key, folder / f"{key}.npy")
-    marker.write_text(json.dumps(stamp))
+            manifest["arrays"][key] = content_stamp(folder / f"{key}.npy")
+            _write_manifest(folder, manifest)
     return folder
 
 
 def load_split(
     name: str, split: str, size: int = 28, root: str | Path = "data/raw", download: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images (uint8 ``[N,H,W]`` or ``[N,H,W,3]``, memory-mapped) and labels (int64 ``[N]``) of one split."""
+    """Images (uint8 ``[N,H,W]`` or ``[N,H,W,3]``, memory-mapped) and labels (int64 ``[N]``) of one split.
+
+    The split's extracted files are checked against the extraction manifest on every read and re-extracted (with a
+    one-line notice on stderr) when they are missing, truncated or changed.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     info = get_dataset(name)
     path = npz_path(name, size, root)
     folder = _extracted_dir(path)
+    manifest = _read_manifest(folder)
     # Verify the md5 only when the file is new or changed: hashing a multi-GB file on every read would dominate.
-    marker = folder / "source.json"
-    stat = path.stat() if path.exists() else None
-    fresh = (
-        stat is not None
-        and marker.exists()
-        and json.loads(marker.read_text()) == {"source": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    )
-    if not fresh:
+    if not path.exists() or manifest is None or manifest["source"] != _source_stamp(path):
         ensure_npz(name, size, root, download=download)
         _extract(path)
+    else:
+        keys = (f"{split}_images", f"{split}_labels")
+        damaged = {key: why for key in keys if (why := _damage(folder / f"{key}.npy", manifest["arrays"].get(key)))}
+        if damaged:
+            print(f"biovlm: {'; '.join(f'{folder / key}.npy {why}' for key, why in damaged.items())}: re-extracting "
+                  f"from {path}", file=sys.stderr, flush=True)
+            ensure_npz(name, size, root, download=False)  # the npz may have suffered too
+            _extract(path, tuple(damaged))
     images = np.load(folder / f"{split}_images.npy", mmap_mode="r")
     labels = np.load(folder / f"{split}_labels.npy").reshape(-1).astype(np.int64)
     expected_ndim = 3 if info.n_channels == 1 else 4

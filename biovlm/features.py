@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from biovlm import data, sampling
+from biovlm import data, sampling, storage
 
 FORMAT_VERSION = 3  # 2: view tuples keyed by (seed, image, view); 3: the transform in the metadata
 FAMILIES = ("plain", "weak", "strong")
@@ -225,6 +224,16 @@ def _union(indices: Sequence[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate(indices)).astype(np.int64)
 
 
+def _file_bytes(n_test: int, n_val: int, n_val_split: int, n_train: int, n_pool: int, views: int, dim: int) -> int:
+    """The size of a feature file before it is computed (``storage.estimated_bytes`` of its tensors, with float32
+    encoder outputs: an upper bound)."""
+    nbytes = {"test_features": 2 * n_test * dim, "test_labels": 8 * n_test, "val_features": 4 * n_val * dim,
+              "val_labels": 8 * n_val, "val_indices": 8 * n_val, "val_split_labels": 8 * n_val_split,
+              "train_labels": 8 * n_train, "pool_indices": 8 * n_pool, "pool_labels": 8 * n_pool,
+              "pool_clean": 4 * n_pool * dim, **{f"pool_{f}": 2 * n_pool * views * dim for f in FAMILIES}}
+    return sum(nbytes.values()) + storage.MARGIN_BYTES + storage.MARGIN_PER_ARRAY * len(nbytes)
+
+
 def extract_features(dataset: str, backbone, *, root: str | Path, size: int, views: int, seeds: Sequence[int],
                      max_shots: int = 16, batch_size: int = 64, out: str | Path, seed: int = 0,
                      transform: ViewTransform = ViewTransform()) -> Path:
@@ -243,6 +252,11 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
     val = _union([sampling.val_shot_indices(val_labels, max_shots, s) for s in seeds])
 
     test_images, test_labels = data.load_split(dataset, "test", size, root)
+    out = Path(out)
+    storage.remove_stale_temporaries(out.parent, recursive=False)
+    storage.check_free(out.parent, _file_bytes(len(test_labels), len(val), len(val_labels), len(train_labels),
+                                               len(pool), views, backbone.embed_dim),
+                       f"writing {out.name}")  # before the encoding (hours for a large split), not after
     test = torch.empty(len(test_images), backbone.embed_dim, dtype=torch.float16)
     for start, batch in tqdm(data.iter_batches(test_images, batch_size), desc=f"{dataset} test",
                              total=-(-len(test_images) // batch_size), leave=False):
@@ -276,24 +290,38 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
     meta = {"format": FORMAT_VERSION, "dataset": dataset, "backbone": backbone.name, "size": size, "views": views,
             "seeds": seeds, "max_shots": max_shots, "embed_dim": backbone.embed_dim, "n_classes": info.n_classes,
             "seed": seed, "weights_sha256": backbone.fingerprint, "transform": transform.meta()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, out)  # an interrupted run never leaves a half-written feature file
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    metadata = {k: json.dumps(v) for k, v in meta.items()}
+    # an interrupted or failed write never leaves a half-written feature file, nor replaces a good one
+    storage.atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                         storage.estimated_bytes(tensors), f"writing {out.name}")
     return out
 
 
-def read_meta(path: str | Path) -> dict:
-    from safetensors import safe_open
+class FeatureFileError(ValueError):
+    """A feature file that cannot be read: truncated, overwritten or not a feature file at all."""
 
-    with safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+def _damaged(path: str | Path, reason: str) -> FeatureFileError:
+    return FeatureFileError(f"{path} is damaged ({reason}); rerun the features stage (dvc repro features)")
+
+
+def read_meta(path: str | Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except SafetensorError as error:
+        raise _damaged(path, f"safetensors: {error}") from None
+    except ValueError as error:  # metadata that is not JSON
+        raise _damaged(path, f"metadata: {error}") from None
 
 
 def load_features(path: str | Path, expect: dict | None = None) -> FeatureSet:
-    """Load a feature file, refusing one whose metadata differs from ``expect`` (key by key)."""
+    """Load a feature file, refusing one whose metadata differs from ``expect`` (key by key) and a damaged one
+    (:class:`FeatureFileError`, naming the file and the stage to rerun)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -307,7 +335,10 @@ def load_features(path: str | Path, expect: dict | None = None) -> FeatureSet:
         if meta.get(key) != wanted:
             raise ValueError(f"{path} was made with {key}={meta.get(key)!r}, but {key}={wanted!r} is asked for; "
                              f"rerun the features stage so features are never mixed")
-    t = load_file(str(path))
+    try:
+        t = load_file(str(path))
+    except SafetensorError as error:
+        raise _damaged(path, f"safetensors: {error}") from None
     return FeatureSet(
         meta=meta,
         test_features=t["test_features"].float(), test_labels=t["test_labels"].long(),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from biovlm import storage
 from biovlm.config import (
     FEATURES_DIR,
     FILTERED_DIR,
@@ -114,16 +114,15 @@ def run_hash(method: str, cfg: Mapping, run: Run, inputs_digest: str, code: str)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file. A full disk
+    (checked first, or met mid-write) is a ``storage.DiskFullError``; the file at ``path`` is then untouched."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # closed on failure too: torch's writer would keep a failed file's space taken
+            torch.save(obj, f)
+
+    storage.atomic_write(path, write, storage.estimated_bytes(obj), f"writing {path.name}")
 
 
 def load_if_current(path: Path, expected_hash: str) -> dict | None:
@@ -167,13 +166,15 @@ def expected_feature_meta(cfg: Mapping, dataset: str) -> dict:
 def load_feature_file(cfg: Mapping, dataset: str, path: str | Path, fingerprint: str | None = None):
     """The feature file of ``dataset``, checked field by field against ``cfg`` (backbone, image size, views,
     transform, seeds and shots; the backbone's weights when ``fingerprint`` is given): InputError otherwise."""
-    from biovlm.features import load_features
+    from biovlm.features import FeatureFileError, load_features
 
     expect = expected_feature_meta(cfg, dataset)
     if fingerprint is not None:
         expect["weights_sha256"] = fingerprint
     try:
         feats = load_features(path, expect=expect)
+    except FeatureFileError as e:  # a damaged file: the message says what to do itself
+        raise InputError(str(e)) from None
     except (ValueError, KeyError) as e:
         raise InputError(f"{path} does not match params.yaml ({e}); rerun the features stage "
                          f"(dvc repro features)") from None
@@ -396,6 +397,9 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
     keep: set[Path] = set()
     hashes: dict[Run, str] = {}
     t_start, trained = time.perf_counter(), 0
+    if stale := storage.remove_stale_temporaries(out_dir):  # a killed run's; DVC would see a changed folder
+        echo(f"{method_name}: removed {len(stale)} temporary file(s) left by an interrupted run: "
+             f"{', '.join(str(p) for p in stale)}")
     for i, run in enumerate(runs, 1):
         path = out_dir / f"{run.name}.pt"
         keep.add(path)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -67,6 +68,16 @@ def official_breastmnist(tmp_path: Path) -> Path:
     for name in ("breastmnist.npz", "breastmnist_64.npz"):
         shutil.copyfile(SHARED_MEDMNIST / name, root / name)
     return root
+
+
+@pytest.fixture
+def disk(monkeypatch) -> SimpleNamespace:
+    """A disk whose free space the test sets (``disk.free``, in bytes) as ``shutil.disk_usage`` reports it: a full
+    disk without root rights or a real one."""
+    state = SimpleNamespace(free=10**12)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2 * 10**12, used=10**12,
+                                                                            free=state.free))
+    return state
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -213,6 +217,126 @@ def test_iter_batches_reads_mapped_splits_by_file_reads(tmp_path):
         f.truncate(mapped.offset + 5 * 4 * 4 * 3)
     with pytest.raises(OSError, match=r"x\.npy ended early.*delete it"):
         list(iter_batches(mapped, 3))
+
+
+# ---------------------------------------------------------------------------------------------- the extracted cache
+FIX = "free space there or point that folder to a larger disk"
+
+
+@pytest.fixture
+def twin(synthetic_root, tmp_path) -> Path:
+    """A private copy of the BloodMNIST twin's npz: its extracted cache is damaged by the test."""
+    for name in ("bloodmnist.npz", data.SYNTHETIC_MANIFEST):
+        shutil.copyfile(synthetic_root / name, tmp_path / name)
+    return tmp_path
+
+
+def assert_split_equals_npz(root: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    with np.load(root / "bloodmnist.npz") as raw:
+        np.testing.assert_array_equal(images, raw[f"{split}_images"])
+        np.testing.assert_array_equal(labels, raw[f"{split}_labels"].reshape(-1))
+
+
+DAMAGES = {
+    "deleted": lambda f: f.unlink(),
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[:-50]),
+    # same size, header kept: np.load reads it without complaint
+    "zeroed": lambda f: f.write_bytes(f.read_bytes()[:128] + bytes(f.stat().st_size - 128)),
+}
+
+
+@pytest.mark.parametrize("part", ["labels", "images"])
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_extracted_file_is_re_extracted_with_a_notice(twin, capsys, damage, part):
+    load_split("bloodmnist", "train", 28, twin)
+    file = twin / ".extracted" / "bloodmnist" / f"train_{part}.npy"
+    size = file.stat().st_size
+    DAMAGES[damage](file)
+    capsys.readouterr()
+    images, labels = load_split("bloodmnist", "train", 28, twin)
+    why = {"deleted": "is missing", "truncated": f"has {size - 50} bytes, {size} were extracted",
+           "zeroed": "has other content than was extracted"}[damage]
+    assert capsys.readouterr().err == f"biovlm: {file} {why}: re-extracting from {twin / 'bloodmnist.npz'}\n"
+    assert_split_equals_npz(twin, "train", images, labels)
+    load_split("bloodmnist", "train", 28, twin)
+    assert capsys.readouterr().err == ""  # trusted again
+
+
+def test_large_extracted_files_are_checked_by_sampled_blocks(twin, capsys, monkeypatch):
+    monkeypatch.setattr(data, "FULL_HASH_BYTES", 4096)  # as a multi-GB split would be
+    monkeypatch.setattr(data, "SAMPLE_BLOCK", 1024)
+    monkeypatch.setattr(data, "SAMPLE_BLOCKS", 8)
+    load_split("bloodmnist", "train", 28, twin)
+    folder = twin / ".extracted" / "bloodmnist"
+    manifest = json.loads((folder / data.EXTRACTED_MANIFEST).read_text())
+    assert manifest["source"] == {"name": "bloodmnist.npz", "bytes": (twin / "bloodmnist.npz").stat().st_size,
+                                  "mtime_ns": (twin / "bloodmnist.npz").stat().st_mtime_ns}
+    file = folder / "train_images.npy"
+    blob, size = file.read_bytes(), 128 + 264 * 28 * 28 * 3
+    samples = b"".join(blob[start : start + 1024] for start in ((size - 1024) * i // 7 for i in range(8)))
+    assert manifest["arrays"]["train_images"] == {"bytes": size, "sampled_sha256": hashlib.sha256(samples).hexdigest()}
+    labels = (folder / "train_labels.npy").read_bytes()
+    assert manifest["arrays"]["train_labels"] == {"bytes": 128 + 264, "sha256": hashlib.sha256(labels).hexdigest()}
+    DAMAGES["zeroed"](file)
+    capsys.readouterr()
+    images, labels = load_split("bloodmnist", "train", 28, twin)
+    assert capsys.readouterr().err.startswith(f"biovlm: {file} has other content than was extracted: re-extracting")
+    assert_split_equals_npz(twin, "train", images, labels)
+
+
+def test_a_damaged_file_is_not_re_extracted_from_a_changed_npz(twin):
+    load_split("bloodmnist", "val", 28, twin)
+    DAMAGES["zeroed"](twin / ".extracted" / "bloodmnist" / "val_labels.npy")
+    npz = twin / "bloodmnist.npz"
+    stat = npz.stat()
+    blob = bytearray(npz.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    npz.write_bytes(bytes(blob))
+    os.utime(npz, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and time: only the md5 tells
+    with pytest.raises(ChecksumError, match=rf"^{re.escape(str(npz))}: md5 {hashlib.md5(blob).hexdigest()} does not"):
+        load_split("bloodmnist", "val", 28, twin)
+    blob[len(blob) // 2] ^= 0xFF
+    npz.write_bytes(bytes(blob))
+    assert_split_equals_npz(twin, "val", *load_split("bloodmnist", "val", 28, twin))
+
+
+def test_extraction_on_a_full_disk_is_one_clear_error_and_keeps_what_was_done(twin, disk, monkeypatch, capsys):
+    folder = twin / ".extracted" / "bloodmnist"
+    # 128-byte headers; train, val, test: 264, 44, 88 RGB 28-px images and as many uint8 labels
+    needed = 6 * 128 + (264 + 44 + 88) * (28 * 28 * 3 + 1)
+    assert needed == 932_556
+    disk.free = needed - 1
+    message = (f"not enough disk space in {folder}: extracting bloodmnist.npz needs 932,556 bytes (932.6 kB), only "
+               f"932,555 bytes (932.6 kB) free; {FIX}")
+    with pytest.raises(data.storage.DiskFullError, match=f"^{re.escape(message)}$"):
+        load_split("bloodmnist", "train", 28, twin)
+    assert os.listdir(folder) == []  # checked before writing
+
+    disk.free = needed
+    calls = []
+
+    def fills_up(fd, offset, length):  # the disk fills after the first array (another process)
+        calls.append(length)
+        if len(calls) == 2:
+            disk.free = 100
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", fills_up)
+    message = (f"not enough disk space in {folder}: extracting train_labels from bloodmnist.npz needs 392 bytes, only "
+               f"100 bytes free; {FIX}")
+    with pytest.raises(data.storage.DiskFullError, match=f"^{re.escape(message)}$"):
+        load_split("bloodmnist", "train", 28, twin)
+    assert calls == [128 + 264 * 2352, 128 + 264]
+    assert sorted(os.listdir(folder)) == ["manifest.json", "train_images.npy"]  # no temporary file
+    assert list(json.loads((folder / "manifest.json").read_text())["arrays"]) == ["train_images"]
+
+    disk.free = 10**9
+    capsys.readouterr()
+    images, labels = load_split("bloodmnist", "train", 28, twin)  # the labels only: the images were complete
+    assert capsys.readouterr().err == (f"biovlm: {folder / 'train_labels.npy'} was not extracted: re-extracting "
+                                       f"from {twin / 'bloodmnist.npz'}\n")
+    assert calls[2:] == [128 + 264]
+    assert_split_equals_npz(twin, "train", images, labels)
 
 
 def test_light_import_does_not_pull_torch():

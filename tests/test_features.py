@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
+from biovlm import storage
 from biovlm.data import load_split
-from biovlm.features import extract_features, load_features, read_meta
+from biovlm.features import FeatureFileError, extract_features, load_features, read_meta
 from biovlm.sampling import few_shot_indices
 
 
@@ -192,3 +196,80 @@ def test_too_few_training_images_fail_before_encoding(synthetic_root, tiny_backb
         extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=1, seeds=[1],
                          max_shots=40, out=tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------- failures
+FIX = "free space there or point that folder to a larger disk"
+
+
+@pytest.fixture
+def previous(feature_file, tmp_path):
+    """A good feature file where the failing call writes: it must survive the failure."""
+    out = tmp_path / "bloodmnist.safetensors"
+    shutil.copyfile(feature_file, out)
+    return out
+
+
+def test_a_full_disk_fails_before_encoding_and_keeps_the_previous_file(previous, feature_file, synthetic_root,
+                                                                       tiny_backbone, tmp_path, disk, monkeypatch):
+    from safetensors.torch import load_file
+
+    before = previous.read_bytes()
+    needed = storage.estimated_bytes(load_file(feature_file))  # the file this call would write
+    disk.free = needed - 1
+    monkeypatch.setattr(tiny_backbone, "encode_images", lambda x: pytest.fail("encoded on a full disk"))
+    message = (f"not enough disk space in {tmp_path}: writing bloodmnist.safetensors needs {storage.amount(needed)}, "
+               f"only {storage.amount(needed - 1)} free; {FIX}")
+    with pytest.raises(storage.DiskFullError, match=f"^{re.escape(message)}$"):
+        extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=2, seeds=[1, 2],
+                         max_shots=4, batch_size=50, out=previous, seed=0)
+    assert previous.read_bytes() == before and os.listdir(tmp_path) == [previous.name]
+
+
+def test_a_disk_filling_up_mid_write_is_one_clear_error_and_keeps_the_previous_file(
+        previous, synthetic_root, tiny_backbone, tmp_path, disk, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    before = previous.read_bytes()
+    needed = []
+
+    def save_file(tensors, filename, metadata=None):  # as safetensors fails on a full disk
+        needed.append(storage.estimated_bytes(tensors))
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        disk.free = 4096
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(storage.DiskFullError) as raised:
+        extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=1, seeds=[1], max_shots=1,
+                         batch_size=50, out=previous, seed=0)
+    assert str(raised.value) == (f"not enough disk space in {tmp_path}: writing bloodmnist.safetensors needs "
+                                 f"{storage.amount(needed[0])}, only 4,096 bytes (4.1 kB) free; {FIX}")
+    assert previous.read_bytes() == before and os.listdir(tmp_path) == [previous.name]
+
+
+def test_a_killed_runs_temporary_file_is_removed_by_the_next_run(synthetic_root, tiny_backbone, tmp_path):
+    child = subprocess.Popen(["true"])
+    child.wait()
+    stale = tmp_path / f".bloodmnist.safetensors.{child.pid}.tmp"
+    stale.write_bytes(b"\0" * 100)
+    out = extract_features("bloodmnist", tiny_backbone, root=synthetic_root, size=28, views=1, seeds=[1],
+                           max_shots=1, batch_size=50, out=tmp_path / "bloodmnist.safetensors")
+    assert os.listdir(tmp_path) == [out.name]
+
+
+@pytest.mark.parametrize(("damage", "reason"), [("random bytes", "header too large"),
+                                                ("truncated", "incomplete metadata, file not fully covered"),
+                                                ("empty", "header too small")])
+def test_a_damaged_feature_file_is_named_with_the_stage_to_rerun(feature_file, tmp_path, damage, reason):
+    good = feature_file.read_bytes()
+    path = tmp_path / "bloodmnist.safetensors"
+    path.write_bytes({"random bytes": np.random.default_rng(0).bytes(len(good)), "truncated": good[:-100],
+                      "empty": b""}[damage])
+    message = (f"{path} is damaged (safetensors: Error while deserializing header: {reason}); rerun the features "
+               f"stage (dvc repro features)")
+    for read in (read_meta, load_features):
+        with pytest.raises(FeatureFileError, match=f"^{re.escape(message)}$"):
+            read(path)

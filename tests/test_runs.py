@@ -3,10 +3,13 @@ reports, each against an independent computation (the slow end-to-end pipeline i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +20,7 @@ import torch
 from conftest import demo_transform
 from test_pipeline import DATASETS2, fake_inputs, small_config
 
-from biovlm import runs
+from biovlm import runs, storage
 from biovlm.data import get_dataset
 from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
 from biovlm.methods import build_method
@@ -104,12 +107,45 @@ def test_atomic_save_writes_through_a_hidden_temporary_file(tmp_path, monkeypatc
     target = tmp_path / "new" / "folder" / "run.pt"
     saved_to = []
     real_save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, path: (saved_to.append(Path(path)), real_save(obj, path)))
+    monkeypatch.setattr(torch, "save", lambda obj, f: (saved_to.append(Path(f.name)), real_save(obj, f)))
     runs.atomic_save({"hash": "a"}, target)
     runs.atomic_save({"hash": "b"}, target)  # into the existing folder, over the existing file
-    assert saved_to == [tmp_path / "new" / "folder" / f".run.pt.{__import__('os').getpid()}.tmp"] * 2
+    assert saved_to == [tmp_path / "new" / "folder" / f".run.pt.{os.getpid()}.tmp"] * 2
     assert sorted(p.name for p in target.parent.iterdir()) == ["run.pt"]
     assert runs.load_if_current(target, "b") == {"hash": "b"}
+
+
+FIX = "free space there or point that folder to a larger disk"
+
+
+@pytest.mark.parametrize("error", [  # what torch.save raises when the disk fills mid-write
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+    OSError(errno.ENOSPC, "No space left on device")])
+def test_atomic_save_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, disk, monkeypatch, error):
+    target = tmp_path / "fewshot" / "breastmnist" / "k1_seed1.pt"
+    runs.atomic_save({"hash": "before", "t": torch.ones(3)}, target)
+    before = target.read_bytes()
+    state = {"hash": "new", "t": torch.zeros(250_000)}  # 1 MB
+    needed = 1_000_000 + storage.MARGIN_BYTES + storage.MARGIN_PER_ARRAY
+    disk.free = needed - 1
+    message = (f"not enough disk space in {target.parent}: writing k1_seed1.pt needs {needed:,} bytes (2.0 MB), "
+               f"only {needed - 1:,} bytes (2.0 MB) free; {FIX}")
+    with pytest.raises(storage.DiskFullError, match=f"^{re.escape(message)}$"):
+        runs.atomic_save(state, target)  # checked first: nothing written
+
+    def fails_midway(obj, f):
+        f.write(b"PK\3\4" + b"\0" * 60)
+        disk.free = 64
+        raise error
+
+    disk.free = needed
+    monkeypatch.setattr(torch, "save", fails_midway)
+    message = (f"not enough disk space in {target.parent}: writing k1_seed1.pt needs {needed:,} bytes (2.0 MB), "
+               f"only 64 bytes free; {FIX}")
+    with pytest.raises(storage.DiskFullError, match=f"^{re.escape(message)}$"):
+        runs.atomic_save(state, target)
+    assert target.read_bytes() == before and os.listdir(target.parent) == ["k1_seed1.pt"]
+    assert runs.load_if_current(target, "before") is not None
 
 
 class _Pickled:
@@ -477,6 +513,33 @@ def test_run_method_reports_saves_reuses_and_prunes(tiny_backbone, inputs, tmp_p
     # fewer settings: the crossdata files go, their rows too
     fewer = runs.run_method("zeroshot", small_config(settings=["fewshot"]), tiny_backbone, inputs, out, **QUIET)
     assert set(fewer.setting) == {"fewshot"} and not (out / "crossdata").exists()
+
+
+def test_run_method_removes_the_temporary_files_of_a_killed_run(tiny_backbone, inputs, tmp_path):
+    child = subprocess.Popen(["true"])
+    child.wait()
+    out = tmp_path / "zs"
+    killed = out / "fewshot" / "breastmnist" / f".k1_seed1.pt.{child.pid}.tmp"
+    running = out / "fewshot" / "breastmnist" / f".k2_seed1.pt.{os.getppid()}.tmp"  # another train process's
+    killed.parent.mkdir(parents=True)
+    killed.write_bytes(b"PK\3\4")
+    running.write_bytes(b"PK\3\4")
+    lines: list[str] = []
+    runs.run_method("zeroshot", small_config(settings=["fewshot"]), tiny_backbone, inputs, out, echo=lines.append)
+    assert lines[0] == f"zeroshot: removed 1 temporary file(s) left by an interrupted run: {killed}"
+    assert not killed.exists() and running.exists()
+    assert {p.name for p in killed.parent.iterdir()} == {"k1_seed1.pt", "k1_seed2.pt", "k4_seed1.pt", "k4_seed2.pt",
+                                                          running.name}
+
+
+def test_a_damaged_feature_file_is_named_before_training(input_files, tmp_path):
+    feats, filtered = copy_inputs(input_files, tmp_path / "in")
+    path = feats / "bloodmnist.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    message = (f"{path} is damaged (safetensors: Error while deserializing header: incomplete metadata, file not "
+               f"fully covered); rerun the features stage (dvc repro features)")
+    with pytest.raises(runs.InputError, match=f"^{re.escape(message)}$"):
+        runs.load_inputs(input_config(), feats, filtered)
 
 
 def test_trained_runs_through_run_method_differ_across_seeds(tiny_backbone, inputs, tmp_path):
