@@ -37,7 +37,9 @@ from tqdm import tqdm
 
 from biovlm import data, sampling, storage
 
-FORMAT_VERSION = 3  # 2: view tuples keyed by (seed, image, view); 3: the transform in the metadata
+FORMAT_VERSION = 4  # 2: view tuples keyed by (seed, image, view); 3: the transform; 4: one metadata entry
+META_KEY = "biovlm"  # the whole metadata as one sorted JSON string: safetensors writes a multi-key metadata map in
+                     # a per-process order, so the same features gave different file bytes (and reran everything)
 FAMILIES = ("plain", "weak", "strong")
 # Image normalisations by name: (mean, std) per channel, or None for the backbone's own.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
@@ -291,7 +293,7 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
             "seeds": seeds, "max_shots": max_shots, "embed_dim": backbone.embed_dim, "n_classes": info.n_classes,
             "seed": seed, "weights_sha256": backbone.fingerprint, "transform": transform.meta()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    metadata = {k: json.dumps(v) for k, v in meta.items()}
+    metadata = {META_KEY: json.dumps(meta, sort_keys=True)}
     # an interrupted or failed write never leaves a half-written feature file, nor replaces a good one
     storage.atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
                          storage.estimated_bytes(tensors), f"writing {out.name}")
@@ -311,7 +313,10 @@ def read_meta(path: str | Path) -> dict:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            stored = f.metadata() or {}
+            if META_KEY in stored:
+                return json.loads(stored[META_KEY])
+            return {k: json.loads(v) for k, v in stored.items()}  # format 3 and older: one entry per key
     except SafetensorError as error:
         raise _damaged(path, f"safetensors: {error}") from None
     except ValueError as error:  # metadata that is not JSON

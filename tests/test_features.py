@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 import shutil
 import subprocess
 
@@ -34,7 +35,7 @@ def test_file_holds_every_part_with_the_right_shapes(feature_file, synthetic_roo
     assert {k: tuple(v.shape) for k, v in fs.pool_views.items()} == {f: (len(pool), 2, d) for f in
                                                                       ("plain", "weak", "strong")}
     assert torch.allclose(fs.pool_clean.norm(dim=-1), torch.ones(len(pool)), atol=1e-3)
-    assert fs.meta == {"format": 3, "dataset": "bloodmnist", "backbone": "tiny", "size": 28, "views": 2,
+    assert fs.meta == {"format": 4, "dataset": "bloodmnist", "backbone": "tiny", "size": 28, "views": 2,
                        "seeds": [1, 2], "max_shots": 4, "embed_dim": d, "n_classes": 8, "seed": 0,
                        "weights_sha256": tiny_backbone.fingerprint,
                        "transform": {"normalize": "imagenet", "crop_scale": [0.08, 1.0], "jitter_p": 0.8,
@@ -273,3 +274,19 @@ def test_a_damaged_feature_file_is_named_with_the_stage_to_rerun(feature_file, t
     for read in (read_meta, load_features):
         with pytest.raises(FeatureFileError, match=f"^{re.escape(message)}$"):
             read(path)
+
+
+def test_the_same_features_are_the_same_bytes_in_every_process(synthetic_root, tmp_path):
+    """Run hashes hash the feature file's bytes: two processes writing the same features must write the same file
+    (safetensors wrote a multi-key metadata map in a per-process order)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from biovlm.backbone import load_backbone; from biovlm.features import extract_features; "
+            "extract_features('breastmnist', load_backbone('tiny'), root=sys.argv[1], size=28, views=1, seeds=[1], "
+            "max_shots=2, out=sys.argv[2])")
+    outs = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for out in outs:
+        subprocess.run([sys.executable, "-c", code, str(synthetic_root), str(out)], check=True, cwd=Path.cwd())
+    assert outs[0].read_bytes() == outs[1].read_bytes() == outs[2].read_bytes()
+    assert read_meta(outs[0])["dataset"] == "breastmnist"
