@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
 import threading
 import time
@@ -46,7 +48,7 @@ class Endpoint:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.json_body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 endpoint.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                           "body": body})
                 step = endpoint.steps[min(len(endpoint.requests), len(endpoint.steps)) - 1]
@@ -202,6 +204,84 @@ def test_slow_answer_every_time_fails(endpoint, tmp_path):
     with pytest.raises(A.AttributeQueryError, match=r"timed out after 0.2 s"):
         A.query("pneumoniamnist", "m", cache_dir=tmp_path, max_retries=1, backoff=0.001, timeout=0.2)
     assert time.perf_counter() - t0 < 3.0
+
+
+# ------------------------------------------------------------------------------------------ credentials
+
+URL_PASSWORD = "pw-SECRET-5f3a9c71"
+URL_TOKEN = "tok-SECRET-8e21b4d0"
+URL_FORMS = {  # OPENAI_BASE_URL as proxies and gateways want it; {} is the local endpoint's host:port
+    "key only": "http://{}/v1",
+    "user info": "http://alice:" + URL_PASSWORD + "@{}/v1",
+    "query token": "http://{}/v1?api-key=" + URL_TOKEN,
+}
+LEAKS = (SECRET, URL_PASSWORD, URL_TOKEN, base64.b64encode(f"alice:{URL_PASSWORD}".encode()).decode())
+
+
+def echo(handler) -> dict:
+    """A valid answer that also echoes the request (path, headers, body), as debugging proxies do."""
+    _, payload = answer(attrs_json(GOOD))
+    payload["echo"] = {"path": handler.path, "headers": dict(handler.headers), "body": handler.json_body}
+    payload["system_fingerprint"] = handler.headers.get("Authorization")
+    payload["usage"]["request_headers"] = dict(handler.headers)
+    return payload
+
+
+def assert_no_leak(*texts: str, files: Path | None = None) -> None:
+    texts += tuple(f.read_text() for f in files.rglob("*") if f.is_file()) if files else ()
+    for text in texts:
+        for secret in LEAKS:
+            assert secret not in text
+
+
+def test_redact_masks_every_credential_form():
+    cases = {
+        "POST http://alice:hunter2@gw.example/v1/chat": "POST http://***@gw.example/v1/chat",
+        "https://gw.example/v1?api-key=abc123&x=1": "https://gw.example/v1?api-key=***&x=1",
+        "url /v1?model=m&token=t0k": "url /v1?model=m&token=***",
+        "{'Authorization': 'Bearer abc.def', 'accept': 'json'}": "{'Authorization': '***', 'accept': 'json'}",
+        '"authorization": "Basic YWxpY2U6aHVudGVyMg=="': '"authorization": "***"',
+        "api-key: 1234567890": "api-key: ***",
+        "bad key sk-proj-ABCDEFGHIJKLMNOPqrstu": "bad key sk-***",
+        "basic staining with key features, a token amount": "basic staining with key features, a token amount",
+    }
+    for text, expected in cases.items():
+        assert A.redact(text, []) == expected
+    assert A.redact("you sent hunter2", ["hunter2"]) == "you sent ***"
+
+
+@pytest.mark.parametrize("form", list(URL_FORMS))
+def test_echoing_endpoint_leaks_no_credential_to_cache_or_logs(form, endpoint, tmp_path, monkeypatch, caplog,
+                                                               capsys):
+    host = endpoint.url.split("//")[1].split("/")[0]
+    monkeypatch.setenv("OPENAI_BASE_URL", URL_FORMS[form].format(host))
+    caplog.set_level(logging.DEBUG)  # the HTTP client logs each request URL at INFO, the openai package more
+    endpoint.script((200, echo))
+    assert A.query("breastmnist", "m", cache_dir=tmp_path, **FAST) == [GOOD, GOOD]
+    assert len(endpoint.requests) == 2
+    out = capsys.readouterr()
+    assert_no_leak(caplog.text, out.out, out.err, files=tmp_path)
+    entry = json.loads(sorted(tmp_path.glob("*.json"))[0].read_text())
+    assert set(entry["response"]) == {"id", "model", "created", "finish_reason", "usage"}
+    assert entry["response"]["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    # what was written reads back offline, and so does an entry in the format written before (the full answer)
+    old = A.plan("breastmnist", "m")[1]
+    A.cache_path(tmp_path, old).write_text(json.dumps({
+        "key": old.key, "request": old.body, "content": attrs_json(GOOD[::-1]), "attributes": GOOD[::-1],
+        "response": {"id": "chatcmpl-old", "choices": [{"message": {"content": attrs_json(GOOD[::-1])}}]}}))
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens there
+    assert A.query("breastmnist", "m", cache_dir=tmp_path, **FAST) == [GOOD, GOOD[::-1]]
+    assert len(endpoint.requests) == 2
+
+
+def test_answer_repeating_the_key_is_retried_and_never_stored(endpoint, tmp_path, caplog):
+    endpoint.script(answer(attrs_json(GOOD[:9] + [f"you sent {SECRET}"])))
+    with pytest.raises(A.AttributeResponseError, match="repeats a credential") as err:
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    assert len(endpoint.requests) == 3
+    assert not list(tmp_path.iterdir())
+    assert_no_leak(str(err.value), caplog.text)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -363,7 +443,8 @@ def test_build_records_curated_default_and_llm(endpoint, tmp_path):
 # ------------------------------------------------------------------------------------------ stage
 
 
-def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None, class_names: str = "medmnist"):
+def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None, class_names: str = "medmnist",
+              base_url: str | None = None):
     import subprocess
     import sys
 
@@ -378,6 +459,8 @@ def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None, class_names
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
     if env_key:
         env["OPENAI_API_KEY"] = env_key
+    if base_url:
+        env["OPENAI_BASE_URL"] = base_url
     return subprocess.run([sys.executable, "-m", "stages.attributes", "--params", str(tmp_path / "params.yaml"),
                            "--out", str(tmp_path / "out")], cwd=root, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -399,3 +482,16 @@ def test_stage_without_key_fails_once_with_the_missing_list(tmp_path):
     assert "attributes: error:" in proc.stderr and "78 of 78" in proc.stderr
     assert "organsmnist[10] 'spleen'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_log_shows_no_credential_of_the_key_or_the_url(endpoint, tmp_path):
+    host = endpoint.url.split("//")[1].split("/")[0]
+    endpoint.script((200, echo))
+    cache = tmp_path / "cache"
+    proc = run_stage(tmp_path, {"source": "llm", "model": "m", "cache_dir": str(cache), "max_retries": 0,
+                                "timeout": 30}, env_key=SECRET,
+                     base_url=f"http://alice:{URL_PASSWORD}@{host}/v1?api-key={URL_TOKEN}")
+    assert proc.returncode == 0, proc.stderr
+    assert len(endpoint.requests) == sum(info.n_classes for info in DATASETS.values())
+    assert "querying 78 of 78" in proc.stderr
+    assert_no_leak(proc.stdout, proc.stderr, files=tmp_path)
