@@ -25,7 +25,9 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -368,46 +370,143 @@ def _holds_credential(text: str, secrets: list[str]) -> bool:
     return any(len(s) >= 8 and s in text for s in secrets)
 
 
+MAX_ANSWER_BYTES = 4 << 20  # a chat completion is a few kB: more is not an answer
+_CHECK_ENDPOINT = ("check that OPENAI_BASE_URL is the server's OpenAI-compatible API root (usually ending in /v1, "
+                   "not a web page or a login proxy)")
+
+
+class _DeadlineExceeded(Exception):
+    """The whole request (connect, send, every byte of the answer) took longer than ``llm.timeout``."""
+
+
+def _post(client, req: Request, timeout: float) -> tuple[bytes, str]:
+    """The raw answer to ``req``, (body, content type), received within ``timeout`` seconds in all.
+
+    The HTTP client's timeouts bound each phase (connect, every read), so a server that sends a byte now and then
+    never trips them. The request therefore runs in a daemon thread that the caller stops waiting for at the
+    deadline, and that thread stops reading the body (closing the connection) once the deadline has passed."""
+    import openai
+
+    deadline = time.monotonic() + timeout
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def fetch() -> None:
+        try:
+            with client.chat.completions.with_streaming_response.create(**req.body, timeout=timeout) as response:
+                http = sys.modules[type(response.http_response).__module__.partition(".")[0]]  # httpx or httpx2
+                body = bytearray()
+                try:
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if time.monotonic() > deadline:
+                            return  # the caller has given up; leaving the block closes the connection
+                        if len(body) > MAX_ANSWER_BYTES:
+                            raise AttributeResponseError(f"the answer is larger than {MAX_ANSWER_BYTES:,} bytes, "
+                                                         f"not a chat completion")
+                except http.TimeoutException:
+                    raise openai.APITimeoutError(request=response.http_request) from None
+                except http.RequestError as e:
+                    raise openai.APIConnectionError(message=f"answer cut off ({type(e).__name__})",
+                                                    request=response.http_request) from None
+                outcome["answer"] = bytes(body), response.headers.get("content-type", "")
+        except BaseException as e:  # handed to the caller
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=fetch, name=f"attribute request {req.key[:12]}", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())) or not outcome:
+        raise _DeadlineExceeded
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["answer"]
+
+
+def _excerpt(text: str, secrets: list[str] | None = None, limit: int = 200) -> str:
+    """The start of an answer for an error message: one line, credentials masked."""
+    flat = redact(" ".join(text.split()), secrets)
+    return repr(flat[:limit]) + ("..." if len(flat) > limit else "")
+
+
+def parse_completion(body: bytes, content_type: str = "", secrets: list[str] | None = None) -> dict:
+    """The chat completion in a raw answer. Anything that is not JSON holding text at ``choices[0].message.content``
+    (a proxy's HTML error page, a cut-off body, another API's JSON) raises ``AttributeResponseError``."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        html = "html" in content_type.lower() or text.lstrip()[:1] == "<"
+        what = "an HTML page" if html else f"invalid JSON (Content-Type {content_type or 'missing'})"
+        raise AttributeResponseError(f"the endpoint answered {what}, not a chat completion: "
+                                     f"{_excerpt(text, secrets)}") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        raise AttributeResponseError(f"the endpoint's JSON is not a chat completion (no text at "
+                                     f"choices[0].message.content): {_excerpt(text, secrets)}")
+    return data
+
+
+def endpoint_name(client=None) -> str:
+    """The endpoint's URL for messages, credentials masked."""
+    url = getattr(client, "base_url", None) or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    return redact(str(url).rstrip("/"), credentials(client))
+
+
 def _complete(client, req: Request, *, max_retries: int, timeout: float, backoff: float) -> tuple[dict, str, list]:
-    """Send one request; retry 429, 5xx, timeouts, connection errors and invalid answers with exponential backoff
-    (``backoff * 2**i`` seconds, at most 60). Returns (completion as dict, content, attributes)."""
+    """Send one request; retry 429, 5xx, timeouts, connection errors and invalid answers (not a chat completion,
+    or not N attributes) with exponential backoff (``backoff * 2**i`` seconds, at most 60). Each attempt ends within
+    ``timeout`` seconds. Returns (completion as dict, content, attributes)."""
     import openai
 
     secrets = credentials(client)
     LOG_FILTER.secrets.update(secrets)
+    endpoint = endpoint_name(client)
     attempts = max_retries + 1
     problem = ""
     bad_answer: AttributeResponseError | None = None
+    fix = ""
     for i in range(attempts):
         if i:
             time.sleep(min(backoff * 2 ** (i - 1), 60.0))
         try:
-            completion = client.chat.completions.create(**req.body, timeout=timeout)
+            body, content_type = _post(client, req, timeout)
         except (openai.RateLimitError, openai.InternalServerError) as e:
             problem, bad_answer = f"HTTP {e.status_code}", None
-        except openai.APITimeoutError:
+        except (openai.APITimeoutError, _DeadlineExceeded):
             problem, bad_answer = f"timed out after {timeout:g} s", None
         except openai.APIConnectionError as e:
             problem, bad_answer = f"connection error ({redact(str(e), secrets)})", None
         except openai.APIStatusError as e:
-            raise AttributeQueryError(f"{req.label_text}: the endpoint refused the request with HTTP "
+            raise AttributeQueryError(f"{req.label_text}: {endpoint} refused the request with HTTP "
                                       f"{e.status_code}: {redact(str(e), secrets)[:500]}") from None
+        except AttributeResponseError as e:  # a body too large to be an answer
+            problem, bad_answer, fix = "not a chat completion", e, _CHECK_ENDPOINT
         else:
-            content = completion.choices[0].message.content if completion.choices else None
             try:
-                attrs = parse_attributes(content or "", req.class_name, req.n)
-                if _holds_credential(content, secrets):
-                    raise AttributeResponseError(f"{req.class_name!r}: the answer repeats a credential (does the "
-                                                 f"endpoint echo the request?); it is not stored")
-                return completion.model_dump(mode="json"), content, attrs
+                completion = parse_completion(body, content_type, secrets)
             except AttributeResponseError as e:
-                problem, bad_answer = "invalid answer", e
+                problem, bad_answer, fix = "not a chat completion", e, _CHECK_ENDPOINT
+            else:
+                content = completion["choices"][0]["message"]["content"]
+                try:
+                    attrs = parse_attributes(content, req.class_name, req.n)
+                    if _holds_credential(content, secrets):
+                        raise AttributeResponseError(f"{req.class_name!r}: the answer repeats a credential (does "
+                                                     f"the endpoint echo the request?); it is not stored")
+                    return completion, content, attrs
+                except AttributeResponseError as e:
+                    problem, bad_answer = "invalid answer", e
+                    fix = "raise llm.max_retries or try another llm.model or llm.temperature"
         log.warning("%s: attempt %d/%d failed: %s", req.label_text, i + 1, attempts, problem)
     if bad_answer is not None:
-        msg = redact(str(bad_answer), secrets)
-        raise AttributeResponseError(f"{req.label_text}: no valid answer after {attempts} attempts: {msg}") from None
-    raise AttributeQueryError(f"{req.label_text}: gave up after {attempts} attempts, last failure: {problem}. "
-                              f"Raise llm.max_retries / llm.timeout or check the endpoint (OPENAI_BASE_URL)")
+        msg = redact(str(bad_answer), secrets).replace("\n", " ")
+        raise AttributeResponseError(f"{req.label_text}: no valid answer from {endpoint} after {attempts} attempts: "
+                                     f"{msg}; {fix}") from None
+    raise AttributeQueryError(f"{req.label_text}: gave up after {attempts} attempts on {endpoint}, last failure: "
+                              f"{problem}. Raise llm.max_retries / llm.timeout or check the endpoint (OPENAI_BASE_URL)")
 
 
 def make_client(timeout: float):
