@@ -12,18 +12,24 @@ BioVLM pairs with the class name in "<modality> of <class>, which has <attribute
   exponential backoff, and stores every accepted answer in a content-addressed cache (one JSON file per request,
   key = sha256 of model + messages + sampling parameters). A cache hit needs no network and no key.
 
-The API key is never written to the cache, logs or error messages.
+Credentials (the API key, the user info and token-like query parameters of ``OPENAI_BASE_URL``, auth headers)
+are never written to the cache, logs or error messages: a cache entry holds only the request this module built and
+the answer's content, id, model and token usage, never what the server echoed (see ``redact``).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
 import re
+import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -235,19 +241,42 @@ def read_cache(cache_dir: str | Path, req: Request) -> list[str] | None:
         raise CacheEntryError(f"corrupt attribute cache entry {path}: {e}; {fix}") from None
 
 
+def _response_record(completion: dict) -> dict:
+    """What the cache keeps of an answer besides its content: id, model, creation time, finish reason and token
+    counts. Everything else a server returned (an echo of the request, its headers) is dropped."""
+    choices = completion.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    usage = completion.get("usage")
+    record = {
+        "id": completion.get("id"),
+        "model": completion.get("model"),
+        "created": completion.get("created"),
+        "finish_reason": choice.get("finish_reason"),
+        "usage": {k: v for k, v in usage.items() if k in USAGE_KEYS and isinstance(v, int)}
+        if isinstance(usage, dict) else None,
+    }
+    for k in ("id", "model", "finish_reason"):
+        record[k] = redact(record[k])[:200] if isinstance(record[k], str) else None
+    if not isinstance(record["created"], int):
+        record["created"] = None
+    return record
+
+
 def write_cache(cache_dir: str | Path, req: Request, completion: dict, content: str, attributes: list[str]) -> Path:
-    """Store one accepted answer atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Store one accepted answer atomically: a temporary file in the same folder, then ``os.replace``. Of
+    ``completion`` only ``_response_record`` is kept."""
     path = cache_path(cache_dir, req)
     path.parent.mkdir(parents=True, exist_ok=True)
+    response = _response_record(completion)
     entry = {
         "key": req.key,
         "dataset": req.dataset, "label": req.label, "class_name": req.class_name,
         "request": req.body,
-        "model": completion.get("model"),
+        "model": response["model"],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "content": content,
         "attributes": attributes,
-        "response": completion,
+        "response": response,
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{req.key[:16]}.", suffix=".tmp")
     try:
@@ -266,49 +295,218 @@ def write_cache(cache_dir: str | Path, req: Request, completion: dict, content: 
 # ---------------------------------------------------------------------------------------------------- endpoint
 
 
-def _redact(text: str, secrets: list[str | None]) -> str:
-    for s in secrets:
+# Query parameters whose value is a credential (Azure-style ``?api-key=``, signed URLs, tokens).
+SECRET_PARAMS = frozenset({"api-key", "api_key", "apikey", "key", "token", "access_token", "auth", "secret",
+                           "password", "client_secret", "sig", "signature"})
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]+@")
+_SECRET_PARAM = re.compile(r"(?i)([?&;](?:" + "|".join(re.escape(p) for p in sorted(SECRET_PARAMS))
+                           + r")=)[^&#\s\"']+")
+_AUTH_HEADER = re.compile(r"(?i)(?<![?&;])((?:proxy-)?authorization|(?:x-)?api[-_]key)([\"']?\s*[:=]\s*[\"']?)"
+                          r"(?:(?:bearer|basic|token)\s+)?[^\s\"',}]+")
+_OPENAI_KEY = re.compile(r"\bsk-[A-Za-z0-9_-]{16,}")
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def credentials(client=None) -> list[str]:
+    """Every credential requests may carry, longest first: ``OPENAI_API_KEY`` (and the client's key), the password
+    and user info of ``OPENAI_BASE_URL`` (also as the Basic auth token the HTTP client derives from them) and the
+    values of its token-like query parameters."""
+    found = [os.environ.get("OPENAI_API_KEY"), getattr(client, "api_key", None)]
+    for url in (os.environ.get("OPENAI_BASE_URL"), getattr(client, "base_url", None)):
+        parts = urllib.parse.urlsplit(str(url or ""))
+        if "@" in parts.netloc:
+            info = parts.netloc.rsplit("@", 1)[0]
+            user, _, password = info.partition(":")
+            plain = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+            found += [info, password, urllib.parse.unquote(password), plain,
+                      base64.b64encode(plain.encode()).decode()]
+        found += [v for k, v in urllib.parse.parse_qsl(parts.query) if k.lower() in SECRET_PARAMS]
+    return sorted({s for s in found if isinstance(s, str) and s}, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with credentials masked as ``***``: the literal ``secrets`` (default: ``credentials()``), URL user
+    info, token-like query parameters, Authorization/api-key header values and OpenAI-style keys."""
+    for s in credentials() if secrets is None else secrets:
         if s:
             text = text.replace(s, "***")
-    return text
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    text = _SECRET_PARAM.sub(r"\1***", text)
+    text = _AUTH_HEADER.sub(r"\1\2***", text)
+    return _OPENAI_KEY.sub("sk-***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Masks credentials in log records. The HTTP client logs every request URL at INFO (user info and query
+    included), and a log is as public as the terminal or CI job it goes to."""
+
+    def __init__(self):
+        super().__init__()
+        self.secrets: set[str] = set()  # keys of explicit clients, besides the environment's
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact(text, sorted(self.secrets | set(credentials()), key=len, reverse=True))
+        if clean != text:
+            record.msg, record.args = clean, ()
+        return True
+
+
+LOG_FILTER = RedactingFilter()
+# Loggers that see request URLs, headers or bodies (a filter on a logger applies to its own records only).
+HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "openai", "openai._base_client", __name__)
+
+
+def install_log_redaction(handlers: list[logging.Handler] | None = None) -> None:
+    """Add ``LOG_FILTER`` to the HTTP client's loggers and to ``handlers`` (those of an application that logs)."""
+    targets = [logging.getLogger(name) for name in HTTP_LOGGERS] + list(handlers or [])
+    for target in targets:
+        if LOG_FILTER not in target.filters:
+            target.addFilter(LOG_FILTER)
+
+
+def _holds_credential(text: str, secrets: list[str]) -> bool:
+    """Whether an answer repeats a credential (8+ characters: shorter ones would match ordinary words)."""
+    return any(len(s) >= 8 and s in text for s in secrets)
+
+
+MAX_ANSWER_BYTES = 4 << 20  # a chat completion is a few kB: more is not an answer
+_CHECK_ENDPOINT = ("check that OPENAI_BASE_URL is the server's OpenAI-compatible API root (usually ending in /v1, "
+                   "not a web page or a login proxy)")
+
+
+class _DeadlineExceeded(Exception):
+    """The whole request (connect, send, every byte of the answer) took longer than ``llm.timeout``."""
+
+
+def _post(client, req: Request, timeout: float) -> tuple[bytes, str]:
+    """The raw answer to ``req``, (body, content type), received within ``timeout`` seconds in all.
+
+    The HTTP client's timeouts bound each phase (connect, every read), so a server that sends a byte now and then
+    never trips them. The request therefore runs in a daemon thread that the caller stops waiting for at the
+    deadline, and that thread stops reading the body (closing the connection) once the deadline has passed."""
+    import openai
+
+    deadline = time.monotonic() + timeout
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def fetch() -> None:
+        try:
+            with client.chat.completions.with_streaming_response.create(**req.body, timeout=timeout) as response:
+                http = sys.modules[type(response.http_response).__module__.partition(".")[0]]  # httpx or httpx2
+                body = bytearray()
+                try:
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if time.monotonic() > deadline:
+                            return  # the caller has given up; leaving the block closes the connection
+                        if len(body) > MAX_ANSWER_BYTES:
+                            raise AttributeResponseError(f"the answer is larger than {MAX_ANSWER_BYTES:,} bytes, "
+                                                         f"not a chat completion")
+                except http.TimeoutException:
+                    raise openai.APITimeoutError(request=response.http_request) from None
+                except http.RequestError as e:
+                    raise openai.APIConnectionError(message=f"answer cut off ({type(e).__name__})",
+                                                    request=response.http_request) from None
+                outcome["answer"] = bytes(body), response.headers.get("content-type", "")
+        except BaseException as e:  # handed to the caller
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=fetch, name=f"attribute request {req.key[:12]}", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())) or not outcome:
+        raise _DeadlineExceeded
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["answer"]
+
+
+def _excerpt(text: str, secrets: list[str] | None = None, limit: int = 200) -> str:
+    """The start of an answer for an error message: one line, credentials masked."""
+    flat = redact(" ".join(text.split()), secrets)
+    return repr(flat[:limit]) + ("..." if len(flat) > limit else "")
+
+
+def parse_completion(body: bytes, content_type: str = "", secrets: list[str] | None = None) -> dict:
+    """The chat completion in a raw answer. Anything that is not JSON holding text at ``choices[0].message.content``
+    (a proxy's HTML error page, a cut-off body, another API's JSON) raises ``AttributeResponseError``."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        html = "html" in content_type.lower() or text.lstrip()[:1] == "<"
+        what = "an HTML page" if html else f"invalid JSON (Content-Type {content_type or 'missing'})"
+        raise AttributeResponseError(f"the endpoint answered {what}, not a chat completion: "
+                                     f"{_excerpt(text, secrets)}") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        raise AttributeResponseError(f"the endpoint's JSON is not a chat completion (no text at "
+                                     f"choices[0].message.content): {_excerpt(text, secrets)}")
+    return data
+
+
+def endpoint_name(client=None) -> str:
+    """The endpoint's URL for messages, credentials masked."""
+    url = getattr(client, "base_url", None) or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    return redact(str(url).rstrip("/"), credentials(client))
 
 
 def _complete(client, req: Request, *, max_retries: int, timeout: float, backoff: float) -> tuple[dict, str, list]:
-    """Send one request; retry 429, 5xx, timeouts, connection errors and invalid answers with exponential backoff
-    (``backoff * 2**i`` seconds, at most 60). Returns (completion as dict, content, attributes)."""
+    """Send one request; retry 429, 5xx, timeouts, connection errors and invalid answers (not a chat completion,
+    or not N attributes) with exponential backoff (``backoff * 2**i`` seconds, at most 60). Each attempt ends within
+    ``timeout`` seconds. Returns (completion as dict, content, attributes)."""
     import openai
 
-    secrets = [getattr(client, "api_key", None), os.environ.get("OPENAI_API_KEY")]
+    secrets = credentials(client)
+    LOG_FILTER.secrets.update(secrets)
+    endpoint = endpoint_name(client)
     attempts = max_retries + 1
     problem = ""
     bad_answer: AttributeResponseError | None = None
+    fix = ""
     for i in range(attempts):
         if i:
             time.sleep(min(backoff * 2 ** (i - 1), 60.0))
         try:
-            completion = client.chat.completions.create(**req.body, timeout=timeout)
+            body, content_type = _post(client, req, timeout)
         except (openai.RateLimitError, openai.InternalServerError) as e:
             problem, bad_answer = f"HTTP {e.status_code}", None
-        except openai.APITimeoutError:
+        except (openai.APITimeoutError, _DeadlineExceeded):
             problem, bad_answer = f"timed out after {timeout:g} s", None
         except openai.APIConnectionError as e:
-            problem, bad_answer = f"connection error ({_redact(str(e), secrets)})", None
+            problem, bad_answer = f"connection error ({redact(str(e), secrets)})", None
         except openai.APIStatusError as e:
-            raise AttributeQueryError(f"{req.label_text}: the endpoint refused the request with HTTP "
-                                      f"{e.status_code}: {_redact(str(e), secrets)[:500]}") from None
+            raise AttributeQueryError(f"{req.label_text}: {endpoint} refused the request with HTTP "
+                                      f"{e.status_code}: {redact(str(e), secrets)[:500]}") from None
+        except AttributeResponseError as e:  # a body too large to be an answer
+            problem, bad_answer, fix = "not a chat completion", e, _CHECK_ENDPOINT
         else:
-            content = completion.choices[0].message.content if completion.choices else None
             try:
-                attrs = parse_attributes(content or "", req.class_name, req.n)
-                return completion.model_dump(mode="json"), content, attrs
+                completion = parse_completion(body, content_type, secrets)
             except AttributeResponseError as e:
-                problem, bad_answer = "invalid answer", e
+                problem, bad_answer, fix = "not a chat completion", e, _CHECK_ENDPOINT
+            else:
+                content = completion["choices"][0]["message"]["content"]
+                try:
+                    attrs = parse_attributes(content, req.class_name, req.n)
+                    if _holds_credential(content, secrets):
+                        raise AttributeResponseError(f"{req.class_name!r}: the answer repeats a credential (does "
+                                                     f"the endpoint echo the request?); it is not stored")
+                    return completion, content, attrs
+                except AttributeResponseError as e:
+                    problem, bad_answer = "invalid answer", e
+                    fix = "raise llm.max_retries or try another llm.model or llm.temperature"
         log.warning("%s: attempt %d/%d failed: %s", req.label_text, i + 1, attempts, problem)
     if bad_answer is not None:
-        msg = _redact(str(bad_answer), secrets)
-        raise AttributeResponseError(f"{req.label_text}: no valid answer after {attempts} attempts: {msg}") from None
-    raise AttributeQueryError(f"{req.label_text}: gave up after {attempts} attempts, last failure: {problem}. "
-                              f"Raise llm.max_retries / llm.timeout or check the endpoint (OPENAI_BASE_URL)")
+        msg = redact(str(bad_answer), secrets).replace("\n", " ")
+        raise AttributeResponseError(f"{req.label_text}: no valid answer from {endpoint} after {attempts} attempts: "
+                                     f"{msg}; {fix}") from None
+    raise AttributeQueryError(f"{req.label_text}: gave up after {attempts} attempts on {endpoint}, last failure: "
+                              f"{problem}. Raise llm.max_retries / llm.timeout or check the endpoint (OPENAI_BASE_URL)")
 
 
 def make_client(timeout: float):
@@ -339,6 +537,7 @@ def query_datasets(datasets: list[str], model: str, n: int = DEFAULT_N, cache_di
             f"Set OPENAI_API_KEY (and OPENAI_BASE_URL for a non-OpenAI server), or use another source: "
             f"llm.source=reference or curated with llm.model=null.")
     if misses:
+        install_log_redaction()
         client = client or make_client(timeout)
         log.info("querying %d of %d attribute requests from %s", len(misses), len(reqs), model)
     for r in misses:

@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from biovlm.attributes import build_records
+from biovlm.attributes import build_records, install_log_redaction
 from biovlm.config import ATTRIBUTES_DIR, describe_profile, load_config, stage_main
 
 
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ATTRIBUTES_DIR))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    for name in ("httpx", "httpx2", "httpcore"):  # one line per request, holding the URL: not worth a log
+        logging.getLogger(name).setLevel(logging.WARNING)
+    install_log_redaction(logging.getLogger().handlers)
     cfg = load_config(args.params)
     llm = cfg["llm"]
     source = llm.get("source") or ("llm" if llm["model"] else "curated")

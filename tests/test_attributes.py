@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
 import threading
 import time
@@ -36,34 +38,54 @@ def attrs_json(items: list[str]) -> str:
 
 
 class Endpoint:
-    """A scripted OpenAI-compatible server. Each script step is (status, body) or ("sleep", s, step);
-    the last step repeats once the script is used up."""
+    """A scripted OpenAI-compatible server. Each script step is (status, body), ("raw", status, content type,
+    bytes), ("drip", seconds, "headers" | "body", bytes): a 200 sending the headers, or only the body, one byte
+    every `seconds`, or ("sleep", s, step); the last step repeats once the script is used up."""
 
     def __init__(self):
         self.steps: list = []
         self.requests: list[dict] = []
+        self.stopped = threading.Event()
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.json_body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 endpoint.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                          "body": body})
+                                          "body": body, "t": time.monotonic()})
                 step = endpoint.steps[min(len(endpoint.requests), len(endpoint.steps)) - 1]
                 if step[0] == "sleep":
                     time.sleep(step[1])
                     step = step[2]
-                status, payload = step
-                if callable(payload):
-                    payload = payload(self)
-                data = json.dumps(payload).encode()
+                if step[0] == "drip":
+                    return self.drip(*step[1:])
+                if step[0] == "raw":
+                    _, status, content_type, data = step
+                else:
+                    status, payload = step
+                    if callable(payload):
+                        payload = payload(self)
+                    content_type, data = "application/json", json.dumps(payload).encode()
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timeout test)
+                    pass
+
+            def drip(self, seconds: float, part: str, data: bytes):
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                        f"Connection: close\r\n\r\n").encode()
+                fast, slow = (head, data) if part == "body" else (b"", head + data)
+                try:
+                    self.wfile.write(fast)
+                    for i in range(len(slow)):
+                        if endpoint.stopped.wait(seconds):
+                            return
+                        self.wfile.write(slow[i:i + 1])
+                except OSError:  # the client hung up
                     pass
 
             def log_message(self, *args):
@@ -88,6 +110,7 @@ def endpoint(monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", ep.url)
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     yield ep
+    ep.stopped.set()
     ep.server.shutdown()
     ep.server.server_close()
 
@@ -202,6 +225,144 @@ def test_slow_answer_every_time_fails(endpoint, tmp_path):
     with pytest.raises(A.AttributeQueryError, match=r"timed out after 0.2 s"):
         A.query("pneumoniamnist", "m", cache_dir=tmp_path, max_retries=1, backoff=0.001, timeout=0.2)
     assert time.perf_counter() - t0 < 3.0
+
+
+# ------------------------------------------------------------------------------------------ bad answers
+
+ENDPOINT_FIX = "check that OPENAI_BASE_URL is the server's OpenAI-compatible API root"
+BAD_ANSWERS = {  # a 200 whose body is not N attributes: (step, what the message says, excerpt, fix)
+    "html page": (("raw", 200, "text/html", f"<!DOCTYPE html>\n<html><h1>Sign in</h1><p>token {SECRET}</p>".encode()),
+                  "answered an HTML page, not a chat completion", "<h1>Sign in</h1>", ENDPOINT_FIX),
+    "invalid json": (("raw", 200, "application/json", b'{"choices": [{"message": {"content": "{\\"attr'),
+                     "answered invalid JSON", '{"choices": [{"message"', ENDPOINT_FIX),
+    "no choices": ((200, {"object": "list", "data": [{"id": "m"}]}), "no text at choices[0].message.content",
+                   "{\"object\": \"list\"", ENDPOINT_FIX),
+    "no content": ((200, {"choices": [{"message": {"role": "assistant", "refusal": "no"}}]}),
+                   "no text at choices[0].message.content", '"refusal": "no"', ENDPOINT_FIX),
+    "not attributes": (answer(json.dumps({"items": GOOD})), "expected a JSON object with key 'attributes'",
+                       '{"items":', "raise llm.max_retries or try another llm.model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ANSWERS))
+def test_bad_answer_is_retried_then_one_line_naming_class_endpoint_body_and_fix(case, endpoint, tmp_path, caplog):
+    step, what, excerpt, fix = BAD_ANSWERS[case]
+    endpoint.script(step)
+    with pytest.raises(A.AttributeResponseError) as err:
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    msg = str(err.value)
+    assert len(endpoint.requests) == 3  # 1 + max_retries, then the query stops at this class
+    assert msg.startswith(f"breastmnist[0] 'malignant': no valid answer from {endpoint.url} after 3 attempts: ")
+    assert what in msg and excerpt in msg and fix in msg, msg
+    assert "\n" not in msg and len(msg) < 800
+    assert_no_leak(msg, caplog.text)
+    assert not list(tmp_path.iterdir())  # nothing is cached unless the answer parsed fully
+
+
+def test_bad_answer_then_good_one_is_cached(endpoint, tmp_path):
+    endpoint.script(BAD_ANSWERS["html page"][0], answer(attrs_json(GOOD)))
+    assert A.query("breastmnist", "m", cache_dir=tmp_path, **FAST) == [GOOD, GOOD]
+    assert len(endpoint.requests) == 3 and len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_oversized_answer_is_refused_without_reading_it_all(endpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "MAX_ANSWER_BYTES", 1000)
+    endpoint.script(answer(attrs_json(GOOD) + " " * 100_000))
+    with pytest.raises(A.AttributeResponseError, match=r"larger than 1,000 bytes.*" + ENDPOINT_FIX):
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    assert len(endpoint.requests) == 3 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("part", ["body", "headers"])
+def test_drip_feed_is_cut_at_the_total_deadline(part, endpoint, tmp_path):
+    # one byte every 0.2 s never trips a 0.5 s read timeout: the answer alone would take over a minute
+    endpoint.script(("drip", 0.2, part, json.dumps(answer(attrs_json(GOOD))[1]).encode()))
+    t0 = time.monotonic()
+    with pytest.raises(A.AttributeQueryError, match=r"gave up after 2 attempts .*timed out after 0.5 s"):
+        A.query("breastmnist", "m", cache_dir=tmp_path, max_retries=1, backoff=0.001, timeout=0.5)
+    elapsed = time.monotonic() - t0
+    assert len(endpoint.requests) == 2
+    assert endpoint.requests[1]["t"] - endpoint.requests[0]["t"] < 1.5  # the first attempt ended near 0.5 s
+    assert elapsed < 3.0
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ credentials
+
+URL_PASSWORD = "pw-SECRET-5f3a9c71"
+URL_TOKEN = "tok-SECRET-8e21b4d0"
+URL_FORMS = {  # OPENAI_BASE_URL as proxies and gateways want it; {} is the local endpoint's host:port
+    "key only": "http://{}/v1",
+    "user info": "http://alice:" + URL_PASSWORD + "@{}/v1",
+    "query token": "http://{}/v1?api-key=" + URL_TOKEN,
+}
+LEAKS = (SECRET, URL_PASSWORD, URL_TOKEN, base64.b64encode(f"alice:{URL_PASSWORD}".encode()).decode())
+
+
+def echo(handler) -> dict:
+    """A valid answer that also echoes the request (path, headers, body), as debugging proxies do."""
+    _, payload = answer(attrs_json(GOOD))
+    payload["echo"] = {"path": handler.path, "headers": dict(handler.headers), "body": handler.json_body}
+    payload["system_fingerprint"] = handler.headers.get("Authorization")
+    payload["usage"]["request_headers"] = dict(handler.headers)
+    return payload
+
+
+def assert_no_leak(*texts: str, files: Path | None = None) -> None:
+    texts += tuple(f.read_text() for f in files.rglob("*") if f.is_file()) if files else ()
+    for text in texts:
+        for secret in LEAKS:
+            assert secret not in text
+
+
+def test_redact_masks_every_credential_form():
+    cases = {
+        "POST http://alice:hunter2@gw.example/v1/chat": "POST http://***@gw.example/v1/chat",
+        "https://gw.example/v1?api-key=abc123&x=1": "https://gw.example/v1?api-key=***&x=1",
+        "url /v1?model=m&token=t0k": "url /v1?model=m&token=***",
+        "{'Authorization': 'Bearer abc.def', 'accept': 'json'}": "{'Authorization': '***', 'accept': 'json'}",
+        '"authorization": "Basic YWxpY2U6aHVudGVyMg=="': '"authorization": "***"',
+        "api-key: 1234567890": "api-key: ***",
+        "bad key sk-proj-ABCDEFGHIJKLMNOPqrstu": "bad key sk-***",
+        "basic staining with key features, a token amount": "basic staining with key features, a token amount",
+    }
+    for text, expected in cases.items():
+        assert A.redact(text, []) == expected
+    assert A.redact("you sent hunter2", ["hunter2"]) == "you sent ***"
+
+
+@pytest.mark.parametrize("form", list(URL_FORMS))
+def test_echoing_endpoint_leaks_no_credential_to_cache_or_logs(form, endpoint, tmp_path, monkeypatch, caplog,
+                                                               capsys):
+    host = endpoint.url.split("//")[1].split("/")[0]
+    monkeypatch.setenv("OPENAI_BASE_URL", URL_FORMS[form].format(host))
+    caplog.set_level(logging.DEBUG)  # the HTTP client logs each request URL at INFO, the openai package more
+    endpoint.script((200, echo))
+    assert A.query("breastmnist", "m", cache_dir=tmp_path, **FAST) == [GOOD, GOOD]
+    assert len(endpoint.requests) == 2
+    out = capsys.readouterr()
+    assert_no_leak(caplog.text, out.out, out.err, files=tmp_path)
+    entry = json.loads(sorted(tmp_path.glob("*.json"))[0].read_text())
+    assert set(entry["response"]) == {"id", "model", "created", "finish_reason", "usage"}
+    assert entry["response"]["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    # what was written reads back offline, and so does an entry in the format written before (the full answer)
+    old = A.plan("breastmnist", "m")[1]
+    A.cache_path(tmp_path, old).write_text(json.dumps({
+        "key": old.key, "request": old.body, "content": attrs_json(GOOD[::-1]), "attributes": GOOD[::-1],
+        "response": {"id": "chatcmpl-old", "choices": [{"message": {"content": attrs_json(GOOD[::-1])}}]}}))
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens there
+    assert A.query("breastmnist", "m", cache_dir=tmp_path, **FAST) == [GOOD, GOOD[::-1]]
+    assert len(endpoint.requests) == 2
+
+
+def test_answer_repeating_the_key_is_retried_and_never_stored(endpoint, tmp_path, caplog):
+    endpoint.script(answer(attrs_json(GOOD[:9] + [f"you sent {SECRET}"])))
+    with pytest.raises(A.AttributeResponseError, match="repeats a credential") as err:
+        A.query("breastmnist", "m", cache_dir=tmp_path, **FAST)
+    assert len(endpoint.requests) == 3
+    assert not list(tmp_path.iterdir())
+    assert_no_leak(str(err.value), caplog.text)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -363,7 +524,8 @@ def test_build_records_curated_default_and_llm(endpoint, tmp_path):
 # ------------------------------------------------------------------------------------------ stage
 
 
-def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None, class_names: str = "medmnist"):
+def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None, class_names: str = "medmnist",
+              base_url: str | None = None):
     import subprocess
     import sys
 
@@ -378,6 +540,8 @@ def run_stage(tmp_path: Path, llm: dict, env_key: str | None = None, class_names
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
     if env_key:
         env["OPENAI_API_KEY"] = env_key
+    if base_url:
+        env["OPENAI_BASE_URL"] = base_url
     return subprocess.run([sys.executable, "-m", "stages.attributes", "--params", str(tmp_path / "params.yaml"),
                            "--out", str(tmp_path / "out")], cwd=root, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -399,3 +563,29 @@ def test_stage_without_key_fails_once_with_the_missing_list(tmp_path):
     assert "attributes: error:" in proc.stderr and "78 of 78" in proc.stderr
     assert "organsmnist[10] 'spleen'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_log_shows_no_credential_of_the_key_or_the_url(endpoint, tmp_path):
+    host = endpoint.url.split("//")[1].split("/")[0]
+    endpoint.script((200, echo))
+    cache = tmp_path / "cache"
+    proc = run_stage(tmp_path, {"source": "llm", "model": "m", "cache_dir": str(cache), "max_retries": 0,
+                                "timeout": 30}, env_key=SECRET,
+                     base_url=f"http://alice:{URL_PASSWORD}@{host}/v1?api-key={URL_TOKEN}")
+    assert proc.returncode == 0, proc.stderr
+    assert len(endpoint.requests) == sum(info.n_classes for info in DATASETS.values())
+    assert "querying 78 of 78" in proc.stderr
+    assert_no_leak(proc.stdout, proc.stderr, files=tmp_path)
+
+
+def test_stage_bad_answer_is_a_one_line_error(endpoint, tmp_path):
+    endpoint.script(BAD_ANSWERS["html page"][0])
+    proc = run_stage(tmp_path, {"source": "llm", "model": "m", "cache_dir": str(tmp_path / "cache"),
+                                "max_retries": 1, "backoff": 0.001, "timeout": 30}, env_key=SECRET,
+                     base_url=endpoint.url)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and len(endpoint.requests) == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("attributes: error: pathmnist[0] ") and "an HTML page" in error and ENDPOINT_FIX in error
+    assert_no_leak(proc.stdout, proc.stderr, files=tmp_path)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
