@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
