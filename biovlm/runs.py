@@ -42,6 +42,7 @@ from biovlm.config import (
     method_config,
 )
 from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
+from biovlm.store import RunStore, atomic_save, load_if_current  # noqa: F401 (atomic_save: part of this API)
 
 # Source files whose change invalidates finished runs (backbone changes also reach runs through the features).
 CODE_FILES = ("runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py", "filtering.py",
@@ -111,31 +112,6 @@ def run_hash(method: str, cfg: Mapping, run: Run, inputs_digest: str, code: str)
                "keep": cfg["filter"]["keep"], "texts": texts, "run": asdict(run), "inputs": inputs_digest,
                "code": code}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file. A full disk
-    (checked first, or met mid-write) is a ``storage.DiskFullError``; the file at ``path`` is then untouched."""
-    import torch
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # closed on failure too: torch's writer would keep a failed file's space taken
-            torch.save(obj, f)
-
-    storage.atomic_write(path, write, storage.estimated_bytes(obj), f"writing {path.name}")
-
-
-def load_if_current(path: Path, expected_hash: str) -> dict | None:
-    """The saved run at ``path`` if it holds ``expected_hash``; None if absent, stale or unreadable."""
-    import torch
-
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a file from another version or damaged: redo the run
-        return None
-    return state if isinstance(state, dict) and state.get("hash") == expected_hash else None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -386,8 +362,12 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
 
 # ---------------------------------------------------------------------------------------------- the method
 def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, DatasetInputs], out_dir: str | Path,
-               log: RunLog | None = None, echo: Callable[[str], None] = print) -> pd.DataFrame:
-    """Execute (or reuse) every run of ``method_name``; return the rows of the selected settings."""
+               log: RunLog | None = None, echo: Callable[[str], None] = print,
+               store: RunStore | None = None) -> pd.DataFrame:
+    """Execute (or reuse) every run of ``method_name``; return the rows of the selected settings.
+
+    A run is reused from its file in ``out_dir`` when that holds the run's current hash, else from ``store`` (the
+    run store, which outlives DVC's restored outputs); a trained run goes to both."""
     out_dir = Path(out_dir)
     share_text_features(backbone)
     memo = {} if is_static(method_name) else None
@@ -396,7 +376,7 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
     saved: dict[Run, dict] = {}
     keep: set[Path] = set()
     hashes: dict[Run, str] = {}
-    t_start, trained = time.perf_counter(), 0
+    t_start, trained, from_store = time.perf_counter(), 0, 0
     if stale := storage.remove_stale_temporaries(out_dir):  # a killed run's; DVC would see a changed folder
         echo(f"{method_name}: removed {len(stale)} temporary file(s) left by an interrupted run: "
              f"{', '.join(str(p) for p in stale)}")
@@ -406,15 +386,20 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
         hashes[run] = run_hash(method_name, cfg, run, inputs[run.dataset].digest, code)
         state = load_if_current(path, hashes[run])
         t0 = time.perf_counter()
+        how = "done before, reused"
+        if state is None and store is not None and (state := store.get(hashes[run])) is not None:
+            atomic_save(state, path)
+            from_store += 1
+            how = "reused from the run store"
         if state is None:
             run_log = (lambda record, epoch, _name=run.name: log(_name, record, epoch)) if log else None
             state = train_and_evaluate(method_name, cfg, backbone, inputs[run.dataset], run, run_log, memo)
             state.update(hash=hashes[run], run=asdict(run), method=method_name)
+            if store is not None:
+                store.put(hashes[run], state)
             atomic_save(state, path)
             trained += 1
             how = f"{time.perf_counter() - t0:.1f} s"
-        else:
-            how = "done before, reused"
         saved[run] = state
         acc = ", ".join(f"{r['part']} {r['accuracy']:.1f}" for r in state["rows"])
         echo(f"[{i}/{len(runs)}] {method_name} {run.name}: accuracy {acc or 'n/a'} ({how})")
@@ -430,15 +415,19 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
                 keep.add(path)
                 expected = hashlib.sha256(f"{hashes[run]}:{all_inputs}:{list(inputs)}".encode()).hexdigest()
                 state = load_if_current(path, expected)
+                if state is None and store is not None and (state := store.get(expected)) is not None:
+                    atomic_save(state, path)
                 if state is None:
                     rows_ = cross_evaluate(method_name, cfg, backbone, saved[run], source, run, inputs, memo)
                     state = {"hash": expected, "rows": rows_}
+                    if store is not None:
+                        store.put(expected, state)
                     atomic_save(state, path)
                 rows += state["rows"]
         echo(f"{method_name} crossdata: {sum(r['setting'] == 'crossdata' for r in rows)} rows")
     _prune(out_dir, keep)
-    echo(f"{method_name}: {len(runs)} runs ({trained} trained, {len(runs) - trained} reused) in "
-         f"{time.perf_counter() - t_start:.1f} s")
+    echo(f"{method_name}: {len(runs)} runs ({trained} trained, {len(runs) - trained} reused, {from_store} of them "
+         f"from the run store) in {time.perf_counter() - t_start:.1f} s")
     return results_frame(rows)
 
 

@@ -1,6 +1,7 @@
 """DVC stage ``train``: every run of every method (all datasets, settings, shot counts and seeds) from the cached
-features -> ``checkpoints/<method>/`` (one file per run, kept between executions: a rerun redoes only the runs
-whose inputs changed) and ``results/<method>.csv`` (one row per setting, source, target, K, seed and part).
+features -> ``checkpoints/<method>/`` (one file per run, kept between executions, and every result also in the run
+store, ``biovlm/store.py``, which outlives DVC's restored outputs: a rerun redoes only the runs whose inputs
+changed) and ``results/<method>.csv`` (one row per setting, source, target, K, seed and part).
 All methods share one process, so the backbone is imported and loaded once; name methods to train only those.
 
 Per-epoch training curves of every run go to ``dvclive/<method>/`` (``plots/metrics/<setting>/<dataset>/
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=str(RESULTS_DIR))
     ap.add_argument("--live", default="dvclive", help="dvclive folder (a subfolder per method)")
     ap.add_argument("--no-live", action="store_true", help="do not log training curves")
+    ap.add_argument("--store", default=None, help="run store folder (default: $BIOVLM_RUN_STORE, else "
+                                                  "<repository>/.biovlm/runs; see biovlm/store.py)")
+    ap.add_argument("--no-store", action="store_true", help="keep results in the checkpoints folder only")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     cfg = load_config(args.params)
@@ -49,12 +53,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from biovlm.backbone import load_backbone
     from biovlm.runs import load_inputs, run_method
+    from biovlm.store import RunStore
 
     inputs = load_inputs(cfg, args.features, args.filtered)  # every input checked before any training
     b = cfg["backbone"]
     backbone = load_backbone(b["name"], device=torch_device(cfg), cache_dir=b["cache_dir"])
     print(f"  inputs and backbone ready in {time.perf_counter() - t0:.1f} s on {backbone.device}")
     check_weights(backbone, inputs)
+    store = None if args.no_store else RunStore(args.store)
+    if store is not None:
+        print(f"  run store: {store.root}")
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     record = environment.describe(str(backbone.device), backbone)
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             # DVC runs this stage: dvclive must neither make experiments nor edit dvc.yaml
             live = Live(dir=str(Path(args.live) / method), save_dvc_exp=False, dvcyaml=None)
             log = _live_logger(live)
-        results = run_method(method, cfg, backbone, inputs, Path(args.checkpoints) / method, log=log)
+        results = run_method(method, cfg, backbone, inputs, Path(args.checkpoints) / method, log=log, store=store)
         out = results_dir / f"{method}.csv"
         results.to_csv(out, index=False, float_format="%.6g")
         if live is not None:

@@ -364,7 +364,8 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     _git(["commit", "-qm", "demo results"], repo)
     out = _dvc(["exp", "run", "-S", "biovlm.select_ratio=1.0"], repo)
     assert "Running stage 'train'" in out and "Running stage 'features'" not in out
-    assert "biovlm: 12 runs (12 trained, 0 reused)" in out and "coop: 12 runs (0 trained, 12 reused)" in out
+    assert "biovlm: 12 runs (12 trained, 0 reused, 0 of them from the run store)" in out
+    assert "coop: 12 runs (0 trained, 12 reused, 0 of them from the run store)" in out
     diff = _dvc(["metrics", "diff", "--json"], repo)
     changed = json.loads(diff)
     assert any("biovlm" in key for path in changed.values() for key in path), diff[:2000]

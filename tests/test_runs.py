@@ -482,7 +482,8 @@ def test_run_method_reports_saves_reuses_and_prunes(tiny_backbone, inputs, tmp_p
                  & (df.seed == run.seed)].accuracy.item()
         assert re.fullmatch(rf"\[{i}/8\] zeroshot {run.name}: accuracy all {acc:.1f} \(\d+\.\d s\)", line), line
     assert lines[8] == "zeroshot crossdata: 4 rows"
-    assert re.fullmatch(r"zeroshot: 8 runs \(8 trained, 0 reused\) in \d+\.\d s", lines[9]) and len(lines) == 10
+    assert len(lines) == 10
+    assert re.fullmatch(r"zeroshot: 8 runs \(8 trained, 0 reused, 0 of them from the run store\) in \d+\.\d s", lines[9])
     assert not stale.exists() and not (out / "fewshot" / "old").exists() and (out / "notes.txt").exists()
     runs._prune(tmp_path / "never-written", set())  # no folder: nothing to prune
 
@@ -509,7 +510,8 @@ def test_run_method_reports_saves_reuses_and_prunes(tiny_backbone, inputs, tmp_p
     assert again.equals(df)
     first = df[(df.target == "breastmnist") & (df.shots == 1) & (df.seed == 1)].accuracy.item()
     assert lines[0] == f"[1/8] zeroshot {plan[0].name}: accuracy all {first:.1f} (done before, reused)"
-    assert re.fullmatch(r"zeroshot: 8 runs \(0 trained, 8 reused\) in \d+\.\d s", lines[-1])
+    done = r"zeroshot: 8 runs \(0 trained, 8 reused, 0 of them from the run store\) in \d+\.\d s"
+    assert re.fullmatch(done, lines[-1])
     # fewer settings: the crossdata files go, their rows too
     fewer = runs.run_method("zeroshot", small_config(settings=["fewshot"]), tiny_backbone, inputs, out, **QUIET)
     assert set(fewer.setting) == {"fewshot"} and not (out / "crossdata").exists()

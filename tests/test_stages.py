@@ -316,7 +316,8 @@ def test_train_rerun_reuses_every_checkpoint_of_the_configured_methods(built, tm
     capsys.readouterr()
     train.main(["--no-live"])
     out = capsys.readouterr().out
-    assert "zeroshot: 6 runs (0 trained, 6 reused)" in out and "coop: 6 runs (0 trained, 6 reused)" in out
+    assert "zeroshot: 6 runs (0 trained, 6 reused, 0 of them from the run store)" in out
+    assert "coop: 6 runs (0 trained, 6 reused, 0 of them from the run store)" in out
     for method in METHODS2:
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / f"{method}.csv"),
                                       pd.read_csv(built / "results" / f"{method}.csv"))
