@@ -483,7 +483,8 @@ def test_run_method_reports_saves_reuses_and_prunes(tiny_backbone, inputs, tmp_p
         assert re.fullmatch(rf"\[{i}/8\] zeroshot {run.name}: accuracy all {acc:.1f} \(\d+\.\d s\)", line), line
     assert lines[8] == "zeroshot crossdata: 4 rows"
     assert len(lines) == 10
-    assert re.fullmatch(r"zeroshot: 8 runs \(8 trained, 0 reused, 0 of them from the run store\) in \d+\.\d s", lines[9])
+    done = r"zeroshot: 8 runs \(8 trained, 0 reused, 0 of them from the run store\) in \d+\.\d s"
+    assert re.fullmatch(done, lines[9])
     assert not stale.exists() and not (out / "fewshot" / "old").exists() and (out / "notes.txt").exists()
     runs._prune(tmp_path / "never-written", set())  # no folder: nothing to prune
 
