@@ -388,7 +388,7 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
         t0 = time.perf_counter()
         how = "done before, reused"
         if state is None and store is not None and (state := store.get(hashes[run])) is not None:
-            atomic_save(state, path)
+            atomic_save(output_state(state), path)
             from_store += 1
             how = "reused from the run store"
         if state is None:
@@ -397,7 +397,7 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
             state.update(hash=hashes[run], run=asdict(run), method=method_name)
             if store is not None:
                 store.put(hashes[run], state)
-            atomic_save(state, path)
+            atomic_save(output_state(state), path)
             trained += 1
             how = f"{time.perf_counter() - t0:.1f} s"
         saved[run] = state
@@ -429,6 +429,13 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
     echo(f"{method_name}: {len(runs)} runs ({trained} trained, {len(runs) - trained} reused, {from_store} of them "
          f"from the run store) in {time.perf_counter() - t_start:.1f} s")
     return results_frame(rows)
+
+
+def output_state(state: dict) -> dict:
+    """A run's state as the checkpoint file (a DVC output) holds it: without its wall time, so the same run writes
+    the same bytes in every process (the run store keeps the time)."""
+    history = {k: v for k, v in (state.get("history") or {}).items() if k != "seconds"}
+    return {**state, "history": history} if "history" in state else state
 
 
 def results_frame(rows: list[dict]) -> pd.DataFrame:
