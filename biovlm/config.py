@@ -514,6 +514,14 @@ def dataset_info(cfg: Mapping, dataset: str):
                        cfg["data"].get("attribute_template", "project"), cfg["data"].get("template", PROJECT_TEMPLATE))
 
 
+def results_files(results: str | Path, cfg: Mapping, methods: list[str] | None = None) -> list[Path]:
+    """The results tables the stages write: ``<results>/<dataset>/<method>.csv`` (the ``train@<dataset>`` stages'
+    few-shot and base-to-novel rows) and ``<results>/crossdata/<method>.csv`` (the ``crossdata`` stage's)."""
+    methods = list(methods or cfg["methods"])
+    folders = [*cfg["datasets"], *(["crossdata"] if "crossdata" in cfg["settings"] else [])]
+    return [Path(results) / folder / f"{m}.csv" for folder in folders for m in methods]
+
+
 def feature_path(dataset: str) -> Path:
     return FEATURES_DIR / f"{dataset}.safetensors"
 

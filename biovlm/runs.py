@@ -362,9 +362,10 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
 
 # ---------------------------------------------------------------------------------------------- the method
 def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, DatasetInputs], out_dir: str | Path,
-               log: RunLog | None = None, echo: Callable[[str], None] = print,
-               store: RunStore | None = None) -> pd.DataFrame:
-    """Execute (or reuse) every run of ``method_name``; return the rows of the selected settings.
+               log: RunLog | None = None, echo: Callable[[str], None] = print, store: RunStore | None = None,
+               datasets: Sequence[str] | None = None, crossdata: bool = True) -> pd.DataFrame:
+    """Execute (or reuse) every run of ``method_name`` on ``datasets`` (default: all of ``cfg``); return the rows of
+    the selected settings, with the cross-dataset rows when ``crossdata`` (which needs every dataset's inputs).
 
     A run is reused from its file in ``out_dir`` when that holds the run's current hash, else from ``store`` (the
     run store, which outlives DVC's restored outputs); a trained run goes to both."""
@@ -372,10 +373,9 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
     share_text_features(backbone)
     memo = {} if is_static(method_name) else None
     code = code_digest()
-    runs = plan_runs(cfg)
+    runs = [r for r in plan_runs(cfg) if datasets is None or r.dataset in datasets]
     saved: dict[Run, dict] = {}
     keep: set[Path] = set()
-    hashes: dict[Run, str] = {}
     t_start, trained, from_store = time.perf_counter(), 0, 0
     if stale := storage.remove_stale_temporaries(out_dir):  # a killed run's; DVC would see a changed folder
         echo(f"{method_name}: removed {len(stale)} temporary file(s) left by an interrupted run: "
@@ -383,20 +383,20 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
     for i, run in enumerate(runs, 1):
         path = out_dir / f"{run.name}.pt"
         keep.add(path)
-        hashes[run] = run_hash(method_name, cfg, run, inputs[run.dataset].digest, code)
-        state = load_if_current(path, hashes[run])
+        run_hash_ = run_hash(method_name, cfg, run, inputs[run.dataset].digest, code)
+        state = load_if_current(path, run_hash_)
         t0 = time.perf_counter()
         how = "done before, reused"
-        if state is None and store is not None and (state := store.get(hashes[run])) is not None:
+        if state is None and store is not None and (state := store.get(run_hash_)) is not None:
             atomic_save(output_state(state), path)
             from_store += 1
             how = "reused from the run store"
         if state is None:
             run_log = (lambda record, epoch, _name=run.name: log(_name, record, epoch)) if log else None
             state = train_and_evaluate(method_name, cfg, backbone, inputs[run.dataset], run, run_log, memo)
-            state.update(hash=hashes[run], run=asdict(run), method=method_name)
+            state.update(hash=run_hash_, run=asdict(run), method=method_name)
             if store is not None:
-                store.put(hashes[run], state)
+                store.put(run_hash_, state)
             atomic_save(output_state(state), path)
             trained += 1
             how = f"{time.perf_counter() - t0:.1f} s"
@@ -405,30 +405,69 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
         echo(f"[{i}/{len(runs)}] {method_name} {run.name}: accuracy {acc or 'n/a'} ({how})")
 
     rows = [r for run in runs for r in saved[run]["rows"] if r["setting"] in cfg["settings"]]
-    if "crossdata" in cfg["settings"]:
-        k = cfg["crossdata"]["shots"]
-        all_inputs = hashlib.sha256("".join(inputs[d].digest for d in inputs).encode()).hexdigest()
-        for source in crossdata_sources(cfg):
-            for seed in cfg["seeds"]:
-                run = Run("fewshot", source, k, seed)
-                path = out_dir / "crossdata" / source / f"k{k}_seed{seed}.pt"
-                keep.add(path)
-                expected = hashlib.sha256(f"{hashes[run]}:{all_inputs}:{list(inputs)}".encode()).hexdigest()
-                state = load_if_current(path, expected)
-                if state is None and store is not None and (state := store.get(expected)) is not None:
-                    atomic_save(state, path)
-                if state is None:
-                    rows_ = cross_evaluate(method_name, cfg, backbone, saved[run], source, run, inputs, memo)
-                    state = {"hash": expected, "rows": rows_}
-                    if store is not None:
-                        store.put(expected, state)
-                    atomic_save(state, path)
-                rows += state["rows"]
-        echo(f"{method_name} crossdata: {sum(r['setting'] == 'crossdata' for r in rows)} rows")
+    if crossdata and "crossdata" in cfg["settings"]:
+        rows += run_crossdata(method_name, cfg, backbone, inputs, saved, store, out_dir, keep, memo, echo)
     _prune(out_dir, keep)
     echo(f"{method_name}: {len(runs)} runs ({trained} trained, {len(runs) - trained} reused, {from_store} of them "
          f"from the run store) in {time.perf_counter() - t_start:.1f} s")
     return results_frame(rows)
+
+
+def crossdata_hash(source_hash: str, inputs: Mapping[str, DatasetInputs]) -> str:
+    """Hash of one source checkpoint's evaluation on every dataset of ``inputs``."""
+    all_inputs = hashlib.sha256("".join(inputs[d].digest for d in inputs).encode()).hexdigest()
+    return hashlib.sha256(f"{source_hash}:{all_inputs}:{list(inputs)}".encode()).hexdigest()
+
+
+def run_crossdata(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, DatasetInputs],
+                  sources: Mapping[Run, dict], store: RunStore | None, out_dir: Path | None = None,
+                  keep: set[Path] | None = None, memo: dict | None = None,
+                  echo: Callable[[str], None] = print) -> list[dict]:
+    """The cross-dataset rows of ``method_name``: each source's few-shot state (``sources``, by run) tested on every
+    dataset of ``inputs``; reused from ``out_dir`` or ``store`` by hash, else computed and stored."""
+    k, rows = cfg["crossdata"]["shots"], []
+    for source in crossdata_sources(cfg):
+        for seed in cfg["seeds"]:
+            run = Run("fewshot", source, k, seed)
+            expected = crossdata_hash(sources[run]["hash"], inputs)
+            path = None if out_dir is None else out_dir / "crossdata" / source / f"k{k}_seed{seed}.pt"
+            state = None if path is None else load_if_current(path, expected)
+            if state is None and store is not None:
+                state = store.get(expected)
+            if state is None:
+                rows_ = cross_evaluate(method_name, cfg, backbone, sources[run], source, run, inputs, memo)
+                state = {"hash": expected, "rows": rows_}
+                if store is not None:
+                    store.put(expected, state)
+            if path is not None:
+                keep.add(path)
+                if not path.exists() or load_if_current(path, expected) is None:
+                    atomic_save(state, path)
+            rows += state["rows"]
+    echo(f"{method_name} crossdata: {len(rows)} rows")
+    return rows
+
+
+def source_states(method_name: str, cfg: Mapping, inputs: Mapping[str, DatasetInputs], checkpoints: str | Path,
+                  store: RunStore | None) -> dict[Run, dict]:
+    """The few-shot states the cross-dataset setting tests, from the run store or ``checkpoints/<source>/<method>``
+    (the train stages'), each checked against its current hash."""
+    code, k, states, missing = code_digest(), cfg["crossdata"]["shots"], {}, []
+    for source in crossdata_sources(cfg):
+        for seed in cfg["seeds"]:
+            run = Run("fewshot", source, k, seed)
+            expected = run_hash(method_name, cfg, run, inputs[source].digest, code)
+            state = store.get(expected) if store is not None else None
+            if state is None:
+                state = load_if_current(Path(checkpoints) / source / method_name / f"{run.name}.pt", expected)
+            if state is None:
+                missing.append(f"{source} K={k} seed {seed}")
+            else:
+                states[run] = state
+    if missing:
+        raise InputError(f"{method_name}: no current few-shot checkpoint of {', '.join(missing)}; run the train "
+                         f"stages of those datasets first (dvc repro train@<dataset>)")
+    return states
 
 
 def output_state(state: dict) -> dict:

@@ -1,4 +1,5 @@
-"""DVC stage ``evaluate``: ``results/<method>.csv`` of every method -> the DVC metrics ``metrics/fewshot.json``,
+"""DVC stage ``evaluate``: the results tables (``results/<dataset>/<method>.csv``,
+``results/crossdata/<method>.csv``) -> the DVC metrics ``metrics/fewshot.json``,
 ``metrics/base2new.json``, ``metrics/crossdata.json``, ``metrics/summary.json`` and the plot data
 ``metrics/plots/fewshot_curve.csv`` and ``metrics/plots/crossdata.csv``."""
 
@@ -8,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from biovlm.config import METRICS_DIR, RESULTS_DIR, load_config, stage_main
+from biovlm.config import METRICS_DIR, RESULTS_DIR, load_config, results_files, stage_main
 from biovlm.evaluate import (
     base2new_metrics,
     check_finite,
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
     methods, datasets = cfg["methods"], cfg["datasets"]
-    df = load_results(Path(args.results) / f"{m}.csv" for m in methods)
+    df = load_results(results_files(args.results, cfg))
     out = Path(args.out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     metrics = {"fewshot": fewshot_metrics(df, methods, datasets), "base2new": base2new_metrics(df, methods, datasets),

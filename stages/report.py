@@ -1,5 +1,6 @@
 """DVC stage ``report``: paper-layout tables (``report/report.md``, ``report/tables.tex``) and figures
-(``report/figures/*.png``) from ``results/<method>.csv`` of every method."""
+(``report/figures/*.png``) from the results tables of every dataset and method (``results/<dataset>/<method>.csv``,
+``results/crossdata/<method>.csv``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from pathlib import Path
 
 from biovlm import environment
-from biovlm.config import REPORT_DIR, RESULTS_DIR, load_config, stage_main
+from biovlm.config import REPORT_DIR, RESULTS_DIR, load_config, results_files, stage_main
 from biovlm.evaluate import load_results
 from biovlm.report import write_report
 
@@ -20,11 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(REPORT_DIR))
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
-    df = load_results(Path(args.results) / f"{m}.csv" for m in cfg["methods"])
+    df = load_results(results_files(args.results, cfg))
     data = f"{cfg['data']['size']} px " + ("synthetic twins" if cfg["data"]["synthetic"] else "MedMNIST+")
     header = (f"Configuration: profile `{cfg['_profile']}`; backbone `{cfg['backbone']['name']}`, {data}, "
               f"seeds {cfg['seeds']}, {cfg['train']['epochs']} epochs (see params.yaml and dvc.lock).")
-    env_file = Path(args.results) / "environment.json"
+    env_file = Path(args.results) / cfg["datasets"][0] / "environment.json"  # the train stages write one each
     if env_file.exists():
         header += "\n\nEnvironment: " + environment.summary_line(json.loads(env_file.read_text())) + "."
     paths = write_report(df, args.out, cfg["methods"], cfg["datasets"], header=header)

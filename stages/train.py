@@ -1,11 +1,12 @@
-"""DVC stage ``train``: every run of every method (all datasets, settings, shot counts and seeds) from the cached
-features -> ``checkpoints/<method>/`` (one file per run, kept between executions, and every result also in the run
-store, ``biovlm/store.py``, which outlives DVC's restored outputs: a rerun redoes only the runs whose inputs
-changed) and ``results/<method>.csv`` (one row per setting, source, target, K, seed and part).
-All methods share one process, so the backbone is imported and loaded once; name methods to train only those.
+"""DVC stage ``train@<dataset>``: every few-shot and base-to-novel run of every method on one dataset (its shot
+counts and seeds) from the cached features -> ``checkpoints/<dataset>/<method>/`` (one file per run, kept between
+executions) and ``results/<dataset>/<method>.csv`` (one row per setting, K, seed and part). Every result is also kept
+in the run store (``biovlm/store.py``), which outlives DVC's restored outputs: a rerun redoes only the runs whose
+inputs changed. The cross-dataset evaluation is the ``crossdata`` stage, after every dataset's.
 
-Per-epoch training curves of every run go to ``dvclive/<method>/`` (``plots/metrics/<setting>/<dataset>/
-k<K>_seed<S>/<term>.tsv``, step = epoch); ``--no-live`` turns that off.
+Without ``--dataset`` every configured dataset is trained in this one process (the backbone loaded once); name
+methods to train only those. Per-epoch training curves go to ``dvclive/<dataset>/<method>/``
+(``plots/metrics/<setting>/<dataset>/k<K>_seed<S>/<term>.tsv``, step = epoch); ``--no-live`` turns that off.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ from biovlm.config import (
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("methods", nargs="*", metavar="method", help="default: every method in params.yaml")
+    ap.add_argument("--dataset", action="append", dest="datasets", metavar="DATASET",
+                    help="train this dataset's runs (repeatable; default: every dataset in params.yaml)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--features", default=str(FEATURES_DIR))
     ap.add_argument("--filtered", default=str(FILTERED_DIR))
     ap.add_argument("--checkpoints", default=str(CHECKPOINTS_DIR))
     ap.add_argument("--results", default=str(RESULTS_DIR))
-    ap.add_argument("--live", default="dvclive", help="dvclive folder (a subfolder per method)")
+    ap.add_argument("--live", default="dvclive", help="dvclive folder (a subfolder per dataset and method)")
     ap.add_argument("--no-live", action="store_true", help="do not log training curves")
     ap.add_argument("--store", default=None, help="run store folder (default: $BIOVLM_RUN_STORE, else "
                                                   "<repository>/.biovlm/runs; see biovlm/store.py)")
@@ -49,13 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in args.methods if m not in cfg["methods"]]
     if unknown:
         raise ValueError(f"method(s) {unknown} not in params.yaml methods ({', '.join(cfg['methods'])})")
-    print(f"train {' '.join(args.methods)}: {describe_profile(cfg)}; train {cfg['train']}")
+    datasets = args.datasets or list(cfg["datasets"])
+    unknown = [d for d in datasets if d not in cfg["datasets"]]
+    if unknown:
+        raise ValueError(f"dataset(s) {unknown} not in params.yaml datasets ({', '.join(cfg['datasets'])})")
+    print(f"train {' '.join(datasets)}: {' '.join(args.methods)}; {describe_profile(cfg)}")
 
     from biovlm.backbone import load_backbone
     from biovlm.runs import load_inputs, run_method
     from biovlm.store import RunStore
 
-    inputs = load_inputs(cfg, args.features, args.filtered)  # every input checked before any training
+    inputs = load_inputs(cfg, args.features, args.filtered, datasets)  # every input checked before any training
     b = cfg["backbone"]
     backbone = load_backbone(b["name"], device=torch_device(cfg), cache_dir=b["cache_dir"])
     print(f"  inputs and backbone ready in {time.perf_counter() - t0:.1f} s on {backbone.device}")
@@ -63,31 +70,32 @@ def main(argv: list[str] | None = None) -> None:
     store = None if args.no_store else RunStore(args.store)
     if store is not None:
         print(f"  run store: {store.root}")
-    results_dir = Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
     record = environment.describe(str(backbone.device), backbone)
-    (results_dir / "environment.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     print(f"  environment: {environment.summary_line(record)}")
+    for dataset in datasets:
+        results_dir = Path(args.results) / dataset
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "environment.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        checkpoints = Path(args.checkpoints) / dataset
+        if set(args.methods) == set(cfg["methods"]):  # checkpoints of methods no longer benchmarked
+            for stale in sorted(checkpoints.glob("*")):
+                if stale.is_dir() and stale.name not in cfg["methods"]:
+                    shutil.rmtree(stale)
+        for method in args.methods:
+            live, log = None, None
+            if not args.no_live:
+                from dvclive import Live
 
-    if set(args.methods) == set(cfg["methods"]):  # checkpoints of methods no longer benchmarked
-        for stale in sorted(Path(args.checkpoints).glob("*")):
-            if stale.is_dir() and stale.name not in cfg["methods"]:
-                shutil.rmtree(stale)
-    for method in args.methods:
-        print(f"train {method}: knobs {cfg[method]}")
-        live, log = None, None
-        if not args.no_live:
-            from dvclive import Live
-
-            # DVC runs this stage: dvclive must neither make experiments nor edit dvc.yaml
-            live = Live(dir=str(Path(args.live) / method), save_dvc_exp=False, dvcyaml=None)
-            log = _live_logger(live)
-        results = run_method(method, cfg, backbone, inputs, Path(args.checkpoints) / method, log=log, store=store)
-        out = results_dir / f"{method}.csv"
-        results.to_csv(out, index=False, float_format="%.6g")
-        if live is not None:
-            live.end()
-        print(f"train {method}: {len(results)} rows -> {out} ({time.perf_counter() - t0:.1f} s)")
+                # DVC runs this stage: dvclive must neither make experiments nor edit dvc.yaml
+                live = Live(dir=str(Path(args.live) / dataset / method), save_dvc_exp=False, dvcyaml=None)
+                log = _live_logger(live)
+            results = run_method(method, cfg, backbone, inputs, checkpoints / method, log=log, store=store,
+                                 datasets=[dataset], crossdata=False)
+            out = results_dir / f"{method}.csv"
+            results.to_csv(out, index=False, float_format="%.6g")
+            if live is not None:
+                live.end()
+            print(f"train {dataset} {method}: {len(results)} rows -> {out} ({time.perf_counter() - t0:.1f} s)")
 
 
 def check_weights(backbone, inputs: dict) -> None:

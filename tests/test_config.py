@@ -269,9 +269,10 @@ def test_dvc_yaml_declares_existing_params_and_the_method_section():
             for part in key.split("."):
                 assert isinstance(node, dict) and part in node, f"stage {name} declares unknown param {key}"
                 node = node[part]
-    assert dvc["stages"]["download"]["foreach"] == "${datasets}"
-    train = set(_declared_params(dvc["stages"]["train"]))
+    assert dvc["stages"]["download"]["foreach"] == dvc["stages"]["train"]["foreach"] == "${datasets}"
+    train = set(_declared_params(dvc["stages"]["train"]["do"]))
     assert set(METHODS) <= train  # every method section
+    assert set(_declared_params(dvc["stages"]["crossdata"])) == train  # it rebuilds the train stages' run hashes
     # no stage depends on knobs it does not read (an ablation reruns only what it touches): each run selects its
     # filter.keep attributes in the train stage; the filter stage computes the table, which keep does not change
     assert "llm" not in train and "filter" in train

@@ -374,7 +374,8 @@ def test_the_published_texts_run_through_the_pipeline_offline(served, tmp_path, 
     assert attribute_text(info, info.prompt_names[0], table.attributes[0][0]) == (
         "a microscopic image of basophil type of blood cell, which has made-up trait 0 of bloodmnist class 0")
     for method in ("zeroshot", "biomedcoop", "biovlm"):
-        assert Path(f"checkpoints/{method}").is_dir(), method
-    state = torch.load(next(Path("checkpoints/biovlm/fewshot/bloodmnist").glob("*.pt")), weights_only=False)
+        assert Path(f"checkpoints/bloodmnist/{method}").is_dir(), method
+    state = torch.load(next(Path("checkpoints/bloodmnist/biovlm/fewshot/bloodmnist").glob("*.pt")),
+                       weights_only=False)
     assert state["rows"] and all(0 <= r["accuracy"] <= 100 for r in state["rows"])
     assert sorted(h.split("/")[-1] for h in served.hits) == sorted(["breastmnist.json", "bloodmnist.json"])

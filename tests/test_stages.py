@@ -21,7 +21,7 @@ from conftest import COMMITTED_PARAMS
 
 from biovlm.config import set_dotted, stage_main
 from biovlm.evaluate import RESULT_COLUMNS
-from stages import attributes, download, evaluate, features, report, train
+from stages import attributes, crossdata, download, evaluate, features, report, train
 from stages import filter as filter_stage
 
 DATASETS2 = ["breastmnist", "bloodmnist"]  # 2 and 8 classes
@@ -67,21 +67,23 @@ def stage_error(capsys, name: str, main, argv: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- the tiny pipeline
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    """download, attributes, features, filter and train (zeroshot, coop) of the tiny profile in a fresh folder.
+    """download, attributes, features, filter, train (zeroshot, coop; every dataset in one call) and crossdata of the
+    tiny profile in a fresh folder, with its own run store.
 
-    Before train, ``checkpoints/`` holds a folder of a method that is no longer configured."""
+    Before train, ``checkpoints/bloodmnist/`` holds a folder of a method that is no longer configured."""
     root = tmp_path_factory.mktemp("pipeline")
     write_params(root / "params.yaml")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
+        mp.setenv("BIOVLM_RUN_STORE", str(root / "store"))
         for ds in DATASETS2:
             download.main([ds])
         attributes.main([])
         features.main([])
         filter_stage.main([])
-        (root / "checkpoints" / "biovlm").mkdir(parents=True)
-        (root / "checkpoints" / "biovlm" / "fewshot").mkdir()
+        (root / "checkpoints" / "bloodmnist" / "biovlm" / "fewshot").mkdir(parents=True)
         train.main([])
+        crossdata.main([])
     return root
 
 
@@ -286,25 +288,56 @@ def test_filter_refuses_features_of_other_weights_or_too_few_shots(built, tmp_pa
     assert "was made with weights_sha256=" in err and f"but weights_sha256={'0' * 64!r} is asked for" in err
 
 
-def test_train_writes_results_environment_and_curves_of_every_method(built):
-    for method in METHODS2:
-        df = pd.read_csv(built / "results" / f"{method}.csv")
-        assert list(df.columns) == list(RESULT_COLUMNS) and set(df.method) == {method}
-        assert df.groupby(["setting", "part"]).size().to_dict() == {
-            ("base2new", "base"): 2, ("base2new", "novel"): 2, ("crossdata", "all"): 4, ("fewshot", "all"): 4}
-        assert sorted(p.name for p in (built / "checkpoints" / method / "fewshot" / "bloodmnist").iterdir()) == [
-            "k1_seed1.pt", "k2_seed1.pt"]
-    assert sorted(p.name for p in (built / "results").iterdir()) == ["coop.csv", "environment.json", "zeroshot.csv"]
-    env = json.loads((built / "results" / "environment.json").read_text())
-    assert env["device"].startswith("cpu") and env["backbone"]["name"] == "tiny"
-    curve = built / "dvclive" / "coop" / "plots" / "metrics" / "fewshot" / "bloodmnist" / "k2_seed1"
+def test_train_writes_results_environment_and_curves_of_every_dataset_and_method(built):
+    for ds in DATASETS2:
+        for method in METHODS2:
+            df = pd.read_csv(built / "results" / ds / f"{method}.csv")
+            assert list(df.columns) == list(RESULT_COLUMNS) and set(df.method) == {method} and set(df.target) == {ds}
+            assert df.groupby(["setting", "part"]).size().to_dict() == {
+                ("base2new", "base"): 1, ("base2new", "novel"): 1, ("fewshot", "all"): 2}
+            assert sorted(p.name for p in (built / "checkpoints" / ds / method / "fewshot" / ds).iterdir()) == [
+                "k1_seed1.pt", "k2_seed1.pt"]
+        assert sorted(p.name for p in (built / "results" / ds).iterdir()) == ["coop.csv", "environment.json",
+                                                                              "zeroshot.csv"]
+        env = json.loads((built / "results" / ds / "environment.json").read_text())
+        assert env["device"].startswith("cpu") and env["backbone"]["name"] == "tiny"
+    curve = built / "dvclive" / "bloodmnist" / "coop" / "plots" / "metrics" / "fewshot" / "bloodmnist" / "k2_seed1"
     assert (curve / "loss.tsv").exists()
+
+
+def test_crossdata_tests_every_source_checkpoint_on_every_dataset(built):
+    for method in METHODS2:
+        df = pd.read_csv(built / "results" / "crossdata" / f"{method}.csv")
+        assert set(df.setting) == {"crossdata"} and len(df) == 4  # 2 sources x 2 targets, seed 1
+        assert sorted(zip(df.source, df.target, strict=True)) == sorted((s, t) for s in DATASETS2 for t in DATASETS2)
+        diagonal = df[df.source == df.target].set_index("target").accuracy
+        for ds in DATASETS2:  # the in-domain diagonal is the few-shot run's own test result
+            own = pd.read_csv(built / "results" / ds / f"{method}.csv")
+            assert diagonal[ds] == own[(own.setting == "fewshot") & (own.shots == 2)].accuracy.item()
+
+
+def test_crossdata_needs_the_train_stages_checkpoints(built, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BIOVLM_RUN_STORE", str(tmp_path / "empty-store"))
+    write_params(tmp_path / "params.yaml")
+    for folder in ("features", "data/filtered"):
+        shutil.copytree(built / folder, tmp_path / folder)
+    shutil.copytree(built / "checkpoints" / "breastmnist", tmp_path / "checkpoints" / "breastmnist")
+    assert stage_error(capsys, "crossdata", crossdata.main, []) == (
+        "crossdata: error: zeroshot: no current few-shot checkpoint of bloodmnist K=2 seed 1; run the train stages of "
+        "those datasets first (dvc repro train@<dataset>)")
+    shutil.copytree(built / "checkpoints" / "bloodmnist", tmp_path / "checkpoints" / "bloodmnist")
+    crossdata.main([])  # from the checkpoints alone (an empty store)
+    for method in METHODS2:
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / "crossdata" / f"{method}.csv"),
+                                      pd.read_csv(built / "results" / "crossdata" / f"{method}.csv"))
 
 
 def test_train_of_every_method_removes_checkpoints_of_methods_no_longer_configured(built):
     """checkpoints/ persists between DVC runs, so the stage itself drops the folder of a method taken out of
-    params.yaml (the fixture made checkpoints/biovlm/ before training)."""
-    assert sorted(p.name for p in (built / "checkpoints").iterdir()) == METHODS2[::-1]
+    params.yaml (the fixture made checkpoints/bloodmnist/biovlm/ before training)."""
+    for ds in DATASETS2:
+        assert sorted(p.name for p in (built / "checkpoints" / ds).iterdir()) == METHODS2[::-1]
 
 
 def test_train_rerun_reuses_every_checkpoint_of_the_configured_methods(built, tmp_path, monkeypatch, capsys):
@@ -314,13 +347,33 @@ def test_train_rerun_reuses_every_checkpoint_of_the_configured_methods(built, tm
     for folder in ("features", "data/filtered", "checkpoints"):
         shutil.copytree(built / folder, tmp_path / folder)
     capsys.readouterr()
-    train.main(["--no-live"])
+    train.main(["--no-live", "--no-store"])
     out = capsys.readouterr().out
-    assert "zeroshot: 6 runs (0 trained, 6 reused, 0 of them from the run store)" in out
-    assert "coop: 6 runs (0 trained, 6 reused, 0 of them from the run store)" in out
+    assert "zeroshot: 3 runs (0 trained, 3 reused, 0 of them from the run store)" in out
+    assert "coop: 3 runs (0 trained, 3 reused, 0 of them from the run store)" in out
+    for ds in DATASETS2:
+        for method in METHODS2:
+            pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / ds / f"{method}.csv"),
+                                          pd.read_csv(built / "results" / ds / f"{method}.csv"))
+
+
+def test_train_of_one_dataset_takes_its_runs_from_the_store_when_its_checkpoints_are_gone(built, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """What `dvc exp run` does before the stage runs: it restores checkpoints/<dataset> from the last lock."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BIOVLM_RUN_STORE", str(built / "store"))
+    write_params(tmp_path / "params.yaml")
+    for folder in ("features", "data/filtered"):
+        shutil.copytree(built / folder, tmp_path / folder)
+    capsys.readouterr()
+    train.main(["--dataset", "bloodmnist", "--no-live"])
+    out = capsys.readouterr().out
+    assert "coop: 3 runs (0 trained, 3 reused, 3 of them from the run store)" in out
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["bloodmnist"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["bloodmnist"]
     for method in METHODS2:
-        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / f"{method}.csv"),
-                                      pd.read_csv(built / "results" / f"{method}.csv"))
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / "bloodmnist" / f"{method}.csv"),
+                                      pd.read_csv(built / "results" / "bloodmnist" / f"{method}.csv"))
 
 
 def test_train_of_named_methods_keeps_the_other_checkpoints(built, tmp_path, monkeypatch, capsys):
@@ -328,15 +381,17 @@ def test_train_of_named_methods_keeps_the_other_checkpoints(built, tmp_path, mon
     write_params(tmp_path / "params.yaml")
     for folder in ("features", "data/filtered"):
         shutil.copytree(built / folder, tmp_path / folder)
-    (tmp_path / "checkpoints" / "biovlm").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "coop").mkdir()
-    train.main(["zeroshot", "--no-live"])
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["biovlm", "coop", "zeroshot"]
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["environment.json", "zeroshot.csv"]
+    (tmp_path / "checkpoints" / "bloodmnist" / "biovlm").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "bloodmnist" / "coop").mkdir()
+    train.main(["zeroshot", "--no-live", "--dataset", "bloodmnist"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "bloodmnist").iterdir()) == ["biovlm", "coop",
+                                                                                          "zeroshot"]
+    assert sorted(p.name for p in (tmp_path / "results" / "bloodmnist").iterdir()) == ["environment.json",
+                                                                                      "zeroshot.csv"]
     assert not (tmp_path / "dvclive").exists()
-    assert "train zeroshot: 12 rows -> results/zeroshot.csv (" in capsys.readouterr().out
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / "zeroshot.csv"),
-                                  pd.read_csv(built / "results" / "zeroshot.csv"))
+    assert "train bloodmnist zeroshot: 4 rows -> results/bloodmnist/zeroshot.csv (" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / "bloodmnist" / "zeroshot.csv"),
+                                  pd.read_csv(built / "results" / "bloodmnist" / "zeroshot.csv"))
 
 
 def test_train_errors_name_the_method_or_the_missing_inputs(tmp_path, monkeypatch, capsys):
@@ -344,6 +399,8 @@ def test_train_errors_name_the_method_or_the_missing_inputs(tmp_path, monkeypatc
     write_params(tmp_path / "params.yaml")
     assert stage_error(capsys, "train", train.main, ["coop", "biovlm"]) == (
         "train: error: method(s) ['biovlm'] not in params.yaml methods (zeroshot, coop)")
+    assert stage_error(capsys, "train", train.main, ["--dataset", "pathmnist"]) == (
+        "train: error: dataset(s) ['pathmnist'] not in params.yaml datasets (breastmnist, bloodmnist)")
     assert stage_error(capsys, "train", train.main, []) == (
         "train: error: feature file(s) features/breastmnist.safetensors, features/bloodmnist.safetensors missing; "
         "run the features stage first (dvc repro features)")
@@ -386,15 +443,18 @@ def results_rows(method: str) -> list[dict]:
 
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch) -> Path:
-    """A working folder with params.yaml (tiny profile, seeds 1 and 2) and results/<method>.csv of both methods,
-    plus results/biovlm.csv of a method no longer configured."""
+    """A working folder with params.yaml (tiny profile, seeds 1 and 2) and the results tables of both methods as the
+    train and crossdata stages write them (results/<dataset>/<method>.csv, results/crossdata/<method>.csv), plus
+    those of a method no longer configured."""
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", **{"profiles.demo.seeds": [1, 2]})
-    (tmp_path / "results").mkdir()
     for method in (*METHODS2, "biovlm"):
         rows = results_rows("coop" if method == "biovlm" else method)
         frame = pd.DataFrame(rows)[list(RESULT_COLUMNS)].assign(method=method)
-        frame.to_csv(tmp_path / "results" / f"{method}.csv", index=False)
+        folder = frame.target.where(frame.setting != "crossdata", "crossdata")
+        for name, part in frame.groupby(folder):
+            (tmp_path / "results" / name).mkdir(parents=True, exist_ok=True)
+            part.to_csv(tmp_path / "results" / name / f"{method}.csv", index=False)
     return tmp_path
 
 
@@ -432,10 +492,10 @@ def test_evaluate_writes_the_hand_computed_metrics(results_dir, capsys):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # the std of inf
 def test_evaluate_refuses_a_non_finite_metric_before_writing_any(results_dir, capsys):
-    frame = pd.read_csv(results_dir / "results" / "coop.csv")
+    frame = pd.read_csv(results_dir / "results" / "breastmnist" / "coop.csv")
     frame.loc[(frame.setting == "fewshot") & (frame.target == "breastmnist") & (frame.shots == 2), "accuracy"] = (
         float("inf"))
-    frame.to_csv(results_dir / "results" / "coop.csv", index=False)
+    frame.to_csv(results_dir / "results" / "breastmnist" / "coop.csv", index=False)
     assert stage_error(capsys, "evaluate", evaluate.main, []) == (
         "evaluate: error: metric fewshot.coop.k2.breastmnist.accuracy.mean is inf")
     assert not list((results_dir / "metrics").glob("*.json"))
@@ -444,13 +504,13 @@ def test_evaluate_refuses_a_non_finite_metric_before_writing_any(results_dir, ca
 @pytest.mark.parametrize("stage", [evaluate, report], ids=["evaluate", "report"])
 def test_missing_or_outdated_results_name_the_file_and_the_train_stage(stage, results_dir, capsys):
     name = stage.__name__.split(".")[-1]
-    frame = pd.read_csv(results_dir / "results" / "coop.csv")
-    frame.drop(columns=["ece"]).to_csv(results_dir / "results" / "coop.csv", index=False)
+    coop = results_dir / "results" / "breastmnist" / "coop.csv"
+    pd.read_csv(coop).drop(columns=["ece"]).to_csv(coop, index=False)
     assert stage_error(capsys, name, stage.main, []) == (
-        f"{name}: error: results/coop.csv lacks the columns ['ece']; rerun its train stage")
-    (results_dir / "results" / "zeroshot.csv").unlink()
+        f"{name}: error: results/breastmnist/coop.csv lacks the columns ['ece']; rerun its train stage")
+    (results_dir / "results" / "breastmnist" / "zeroshot.csv").unlink()
     assert stage_error(capsys, name, stage.main, ["--out", "elsewhere"]) == (
-        f"{name}: error: results file results/zeroshot.csv not found; run its train stage (dvc repro)")
+        f"{name}: error: results file results/breastmnist/zeroshot.csv not found; run its train stage (dvc repro)")
     assert not (results_dir / "elsewhere").exists()
 
 
@@ -458,7 +518,7 @@ def test_report_writes_tables_figures_and_the_configuration(results_dir, capsys)
     record = {"packages": {"torch": "2.0", "open_clip_torch": "3.0", "kornia": "0.9", "numpy": "2.0"},
               "machine": {"python": "3.11.7", "processor": "x86_64"}, "device": "cpu",
               "git_commit": "0123456789abcdef"}
-    (results_dir / "results" / "environment.json").write_text(json.dumps(record))
+    (results_dir / "results" / "breastmnist" / "environment.json").write_text(json.dumps(record))
     report.main([])
     md = (results_dir / "report" / "report.md").read_text().splitlines()
     assert md[:5] == ["# biovlm benchmark report", "",
@@ -487,7 +547,8 @@ def test_report_header_of_the_paper_profile_without_environment(results_dir):
 
 # ---------------------------------------------------------------------------------------------- every stage
 EVERY_STAGE = [("download", download, ["breastmnist"]), ("attributes", attributes, []), ("features", features, []),
-               ("filter", filter_stage, []), ("train", train, []), ("evaluate", evaluate, []), ("report", report, [])]
+               ("filter", filter_stage, []), ("train", train, []), ("crossdata", crossdata, []), ("evaluate", evaluate, []),
+               ("report", report, [])]
 
 
 @pytest.mark.parametrize(("name", "stage", "argv"), EVERY_STAGE, ids=[s[0] for s in EVERY_STAGE])
