@@ -547,8 +547,8 @@ def test_report_header_of_the_paper_profile_without_environment(results_dir):
 
 # ---------------------------------------------------------------------------------------------- every stage
 EVERY_STAGE = [("download", download, ["breastmnist"]), ("attributes", attributes, []), ("features", features, []),
-               ("filter", filter_stage, []), ("train", train, []), ("crossdata", crossdata, []), ("evaluate", evaluate, []),
-               ("report", report, [])]
+               ("filter", filter_stage, []), ("train", train, []), ("crossdata", crossdata, []),
+               ("evaluate", evaluate, []), ("report", report, [])]
 
 
 @pytest.mark.parametrize(("name", "stage", "argv"), EVERY_STAGE, ids=[s[0] for s in EVERY_STAGE])
