@@ -71,8 +71,9 @@ def demo_accuracy(metrics: Path) -> dict:
 
 
 def demo_learning(results: Path) -> dict[str, bool]:
-    """The demo's promise (``biovlm.learning_checks``), from the per-seed, per-dataset rows of ``results/*.csv``."""
-    rows = pd.concat([pd.read_csv(path) for path in sorted(results.glob("*.csv"))], ignore_index=True)
+    """The demo's promise (``biovlm.learning_checks``), from the per-seed, per-dataset rows of every results table
+    (``results/<dataset>/*.csv``, ``results/crossdata/*.csv``)."""
+    rows = pd.concat([pd.read_csv(path) for path in sorted(results.rglob("*.csv"))], ignore_index=True)
     means = learning_checks.seed_means(rows)
     return learning_checks.learning_checks(means, learning_checks.chance_levels(rows.target.unique()))
 

@@ -129,18 +129,19 @@ def test_demo_figures_come_from_the_metrics_and_replace_the_readme_block(demo_be
 
 
 def test_demo_learning_reads_every_results_file(demo_bench, tmp_path):
-    """The checks come from the per-dataset, per-seed rows of results/*.csv (biovlm.learning_checks)."""
+    """The checks come from the per-dataset, per-seed rows of every results table, results/<dataset>/<method>.csv
+    as the train stages write them (biovlm.learning_checks)."""
     rows = [{"method": m, "setting": "fewshot", "source": ds, "target": ds, "shots": k, "seed": seed, "part": "all",
              "n_classes": n, "n": 100, "accuracy": acc, "macro_f1": 0.0, "auc": 0.0, "ece": 0.0}
             for ds, n in (("breastmnist", 2), ("bloodmnist", 8)) for seed in (1, 2)
             for m, k, acc in (("zeroshot", 1, 70.0), ("zeroshot", 16, 70.0), ("coop", 1, 75.0), ("coop", 16, 80.0),
                               ("biovlm", 1, 80.0), ("biovlm", 16, 79.0))]
     results = tmp_path / "results"
-    results.mkdir()
     frame = pd.DataFrame(rows)
-    for method, part in frame.groupby("method"):
-        part.to_csv(results / f"{method}.csv", index=False)
-    (results / "environment.json").write_text("{}")  # not a results table: ignored
+    for (ds, method), part in frame.groupby(["target", "method"]):
+        (results / ds).mkdir(parents=True, exist_ok=True)
+        part.to_csv(results / ds / f"{method}.csv", index=False)
+        (results / ds / "environment.json").write_text("{}")  # not a results table: ignored
     checks = demo_bench.demo_learning(results)
     assert checks == {
         "zero-shot 38.8 points above chance on average (>= 10), above it on 2 of 2 datasets (>= 2)": True,

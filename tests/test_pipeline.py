@@ -363,9 +363,10 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     _git(["add", "-A"], repo)
     _git(["commit", "-qm", "demo results"], repo)
     out = _dvc(["exp", "run", "-S", "biovlm.select_ratio=1.0"], repo)
-    assert "Running stage 'train'" in out and "Running stage 'features'" not in out
-    assert "biovlm: 12 runs (12 trained, 0 reused, 0 of them from the run store)" in out
-    assert "coop: 12 runs (0 trained, 12 reused, 0 of them from the run store)" in out
+    assert "Running stage 'train@breastmnist'" in out and "Running stage 'features'" not in out
+    # each dataset's stage: 3 BioVLM runs (K 1 and 16, base-to-novel) retrained, CoOp's reused
+    assert out.count("biovlm: 3 runs (3 trained, 0 reused, 0 of them from the run store)") == 4
+    assert out.count("coop: 3 runs (0 trained, 3 reused, ") == 4
     diff = _dvc(["metrics", "diff", "--json"], repo)
     changed = json.loads(diff)
     assert any("biovlm" in key for path in changed.values() for key in path), diff[:2000]
