@@ -19,12 +19,12 @@ root.mkdir(parents=True)
 write_params(root / "params.yaml", methods=["zeroshot", "coop", "biovlm", "linear_probe"])
 os.chdir(root)
 os.environ["BIOVLM_RUN_STORE"] = str(root.parent / (root.name + "-store"))
-from stages import attributes, download, evaluate, features, report, train
+from stages import attributes, crossdata, download, evaluate, features, report, train
 from stages import filter as filter_stage
 for ds in ("breastmnist", "bloodmnist"):
     download.main([ds])
 attributes.main([]); features.main([]); filter_stage.main([]); train.main(["--no-live"])
-evaluate.main([]); report.main([])
+crossdata.main([]); evaluate.main([]); report.main([])
 """
 
 
@@ -32,8 +32,9 @@ evaluate.main([]); report.main([])
 def test_every_output_is_the_same_bytes_in_two_processes(tmp_path):
     code = SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"))
     for name in ("a", "b"):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, capture_output=True,
-                       cwd=tmp_path)
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     outputs = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*")
                      if p.is_file() and ".extracted" not in p.parts)  # .extracted: a cache DVC ignores
     kinds = {p.parts[0] for p in outputs}
