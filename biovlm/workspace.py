@@ -1,17 +1,21 @@
-"""One experiment at a time in a workspace: the stages of a ``dvc exp run`` refuse a ``params.yaml`` that changed
-under them.
+"""One experiment at a time in a workspace: the stages of two concurrent ``dvc exp run`` stop with a message instead
+of mixing their values.
 
-``dvc exp run -S key=value`` writes ``params.yaml`` *before* it takes DVC's repository lock, so a second
-``dvc exp run`` started in the same workspace rewrites the file while the first is still running; the second then
-fails on the lock, and the first's remaining stages would read the second's values and leave a ``dvc.lock`` mixing
-both. DVC gives its stage commands the experiment's name (``DVC_EXP_NAME``); the first stage of an experiment
-records the digest of ``params.yaml`` with that name and the pid of the ``dvc`` process that runs it
-(``.dvc/tmp/biovlm-experiment.json``), and every later stage of the same process checks the file still has that
-digest. A changed file stops the run with a message naming what happened and the fix. Concurrent experiments
-belong in DVC's queue (``dvc exp run --queue`` then ``dvc queue start``), which runs each in its own copy.
+``dvc exp run`` prepares the workspace *before* any stage runs and without waiting for a running experiment: it
+rewrites ``params.yaml`` with its ``-S`` values and resets the outputs it has no record of (deleting what the running
+experiment's current stage is writing). Nothing a stage does can prevent that, so both experiments are then void.
+What this module makes sure of is that neither continues with mixed values and that both say why:
 
-Outside ``dvc exp run`` (``dvc repro``, tests, library use) nothing is checked. The ``dvc`` process is found
-through ``/proc`` (Linux); elsewhere each stage counts as its own run and nothing is checked either.
+- the first stage of an experiment records its name (``DVC_EXP_NAME``, set by DVC), the pid of the ``dvc`` process
+  that runs it (found through ``/proc``) and the digest of ``params.yaml`` in ``.dvc/tmp/biovlm-experiment.json``;
+- a stage of another experiment while that ``dvc`` process still runs stops at once ("another `dvc exp run` is
+  running in this workspace");
+- every later stage of the recorded experiment checks that ``params.yaml`` still has the recorded digest, and stops
+  when the other run rewrote it.
+
+Concurrent experiments belong in DVC's queue (``dvc exp run --queue`` then ``dvc queue start -j N``), which runs each
+in its own copy. Outside ``dvc exp run`` (``dvc repro``, tests, library use), or where there is no ``/proc``, nothing
+is checked.
 """
 
 from __future__ import annotations
@@ -46,6 +50,16 @@ def dvc_pid(pid: int | None = None) -> int | None:
     return None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it runs
+        return True
+    return True
+
+
 def check_params(params: str | Path, record: str | Path = RECORD, environ: dict | None = None,
                  runner: int | None = None) -> None:
     """Record or check the digest of ``params`` for the running ``dvc exp run`` (see the module docstring)."""
@@ -60,6 +74,13 @@ def check_params(params: str | Path, record: str | Path = RECORD, environ: dict 
         seen = json.loads(record.read_text())
     except (OSError, ValueError):
         seen = {}
+    other = seen.get("dvc_pid")
+    if (seen.get("experiment"), other) != (name, runner) and isinstance(other, int) and _alive(other):
+        raise ConcurrentExperimentError(
+            f"another `dvc exp run` ({seen.get('experiment')}, dvc pid {other}) is running in this workspace; DVC has "
+            f"already rewritten {params} and reset outputs for this one ({name}), so both runs are void: let it end "
+            f"(or stop it), restore {params} (git diff {params}) and rerun; to run experiments side by side use "
+            f"`dvc exp run --queue` and `dvc queue start`")
     if seen.get("experiment") == name and seen.get("dvc_pid") == runner:
         if seen.get("params_sha256") != digest:
             raise ConcurrentExperimentError(

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             results = run_method(method, cfg, backbone, inputs, checkpoints / method, log=log, store=store,
                                  datasets=[dataset], crossdata=False)
             out = results_dir / f"{method}.csv"
+            out.parent.mkdir(parents=True, exist_ok=True)  # a concurrent `dvc exp run` may have reset it meanwhile
             results.to_csv(out, index=False, float_format="%.6g")
             if live is not None:
                 live.end()

@@ -27,15 +27,33 @@ def test_a_changed_params_file_stops_the_same_experiment(tmp_path):
         check_params(params, record, env, runner=4242)
 
 
+def test_a_second_experiment_stops_while_the_first_runs(tmp_path):
+    """What a second `dvc exp run` in the same workspace reaches: its first stage, after DVC rewrote params.yaml."""
+    params, record = tmp_path / "params.yaml", tmp_path / "rec.json"
+    params.write_text("a: 1\n")
+    running = os.getppid()  # a live process stands for the first experiment's dvc
+    check_params(params, record, {"DVC_EXP_NAME": "exp-1"}, runner=running)
+    params.write_text("a: 2\n")
+    with pytest.raises(ConcurrentExperimentError, match=re.escape(
+            f"another `dvc exp run` (exp-1, dvc pid {running}) is running in this workspace; DVC has already "
+            f"rewritten {params} and reset outputs for this one (exp-2), so both runs are void")):
+        check_params(params, record, {"DVC_EXP_NAME": "exp-2"}, runner=os.getpid())
+    assert json.loads(record.read_text())["experiment"] == "exp-1"  # the record stays the first one's
+    with pytest.raises(ConcurrentExperimentError, match="changed while `dvc exp run` exp-1"):
+        check_params(params, record, {"DVC_EXP_NAME": "exp-1"}, runner=running)  # and the first stops too
+
+
 def test_a_new_experiment_or_plain_repro_starts_afresh(tmp_path):
     params, record = tmp_path / "params.yaml", tmp_path / "rec.json"
     params.write_text("a: 1\n")
-    check_params(params, record, {"DVC_EXP_NAME": "exp-1"}, runner=1000)
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    check_params(params, record, {"DVC_EXP_NAME": "exp-1"}, runner=finished.pid)  # a dvc that has ended
     params.write_text("a: 2\n")
-    check_params(params, record, {"DVC_EXP_NAME": "exp-2"}, runner=1001)  # the next experiment records anew
-    check_params(params, record, {"DVC_EXP_NAME": "exp-2"}, runner=1001)
+    check_params(params, record, {"DVC_EXP_NAME": "exp-2"}, runner=os.getpid())  # the next experiment records anew
+    check_params(params, record, {"DVC_EXP_NAME": "exp-2"}, runner=os.getpid())
     params.write_text("a: 3\n")
-    check_params(params, record, {}, runner=1001)  # dvc repro: no experiment, nothing checked
+    check_params(params, record, {}, runner=os.getpid())  # dvc repro: no experiment, nothing checked
     assert json.loads(record.read_text())["experiment"] == "exp-2"
 
 
