@@ -18,7 +18,7 @@ from biovlm.config import ATTRIBUTES_DIR, describe_profile, load_config, stage_m
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m stages.attributes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=str(ATTRIBUTES_DIR))
     args = ap.parse_args(argv)

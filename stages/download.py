@@ -16,13 +16,14 @@ from biovlm.data import SYNTHETIC_MANIFEST, ensure_npz, make_synthetic, npz_path
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m stages.download", description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
     if args.dataset not in cfg["datasets"]:
-        raise SystemExit(f"download: {args.dataset!r} is not in params.yaml datasets ({', '.join(cfg['datasets'])})")
+        raise ValueError(f"{args.dataset!r} is not in params.yaml datasets ({', '.join(cfg['datasets'])}); add it "
+                         f"there or download one of those")
     data, t0 = cfg["data"], time.perf_counter()
     folder = raw_dir(cfg, args.dataset)
     if data["synthetic"]:

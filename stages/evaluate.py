@@ -23,7 +23,7 @@ from biovlm.evaluate import (
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--results", default=str(RESULTS_DIR))
     ap.add_argument("--out", default=str(METRICS_DIR))

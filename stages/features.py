@@ -15,7 +15,7 @@ from biovlm.config import describe_profile, feature_path, load_config, raw_dir, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m stages.features", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--dataset", action="append", help="only these datasets (default: all in params.yaml)")
     args = ap.parse_args(argv)

@@ -15,7 +15,7 @@ from biovlm.report import write_report
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--results", default=str(RESULTS_DIR))
     ap.add_argument("--out", default=str(REPORT_DIR))

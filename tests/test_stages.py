@@ -109,12 +109,12 @@ def test_download_writes_a_synthetic_twin_and_keeps_it_while_its_params_hold(bui
     assert entry["bloodmnist.npz"]["seed"] == 7
 
 
-def test_download_refuses_a_dataset_outside_params(tmp_path, monkeypatch):
+def test_download_refuses_a_dataset_outside_params(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml")
-    with pytest.raises(SystemExit) as exc:
-        download.main(["pathmnist"])
-    assert exc.value.code == "download: 'pathmnist' is not in params.yaml datasets (breastmnist, bloodmnist)"
+    assert stage_error(capsys, "download", download.main, ["pathmnist"]) == (
+        "download: error: 'pathmnist' is not in params.yaml datasets (breastmnist, bloodmnist); add it there or "
+        "download one of those")
     assert not (tmp_path / "data").exists()
 
 
@@ -565,7 +565,8 @@ def test_every_stage_refuses_an_unknown_option_with_its_usage(name, stage, argv,
         stage.main([*argv, "--epochs=3"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: ") and err.endswith("error: unrecognized arguments: --epochs=3\n")
+    assert err.startswith(f"usage: python -m stages.{name} ")  # what the user types, not __main__.py
+    assert err.endswith("error: unrecognized arguments: --epochs=3\n")
 
 
 def test_every_stage_reports_a_bad_params_value_in_one_line(tmp_path, monkeypatch, capsys):
