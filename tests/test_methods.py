@@ -655,6 +655,10 @@ def test_biomedcoop_prune_threshold_is_the_knob(tiny_backbone):
     kept, teacher_text = _teacher_by_hand(tiny_backbone, m.scale, batch["plain"], 0.5)
     assert kept == KEPT_AT_0_5 and len(kept) < len(KEPT_AT_1_5)
     assert torch.allclose(m.teacher(batch["plain"]), teacher_text, atol=1e-6)
+    # scored by the max over classes, averaged over the batch (the other way round keeps other classifiers here)
+    tight = prompt_method("biomedcoop", tiny_backbone, {"prune_z": 0.3}, attributes=ATTRS5)
+    kept, teacher_text = _teacher_by_hand(tiny_backbone, tight.scale, batch["plain"], 0.3)
+    assert kept == [2] and torch.allclose(tight.teacher(batch["plain"]), teacher_text, atol=1e-6)
 
 
 def test_biomedcoop_without_kdsp_needs_no_teacher_and_without_both_no_attributes(tiny_backbone):
@@ -691,6 +695,9 @@ def test_prune_mask_is_the_z_score_with_the_unbiased_std():
     assert prune_mask(scores, 1.5).tolist() == [True] * 5  # |z| = threshold: kept
     assert prune_mask(scores, 1.45).tolist() == [True, True, True, True, False]
     assert prune_mask(scores, 0.9).tolist() == [False, True, True, True, False]
+    # two scores are always z = -0.71 and +0.71: a threshold below that would prune both, an empty (NaN) teacher
+    assert prune_mask(torch.tensor([1.0, 3.0]), 0.5).tolist() == [True, True]
+    assert prune_mask(torch.tensor([1.0, 3.0, 3.2]), 0.8).tolist() == [False, True, True]  # three: pruned normally
     everything = prune_mask(torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.1)
     assert everything.dtype == torch.bool and everything.tolist() == [True] * 4  # a mask, not ones to index with
     assert _prune_by_hand([-2.0, -3.0, 0.0, 0.5, 3.5], 1.0) == prune_mask(

@@ -10,8 +10,9 @@
 
 The public code computes a robust z-score (s - median) / MAD and then standardises it with its mean and std; a
 standardised affine function of s is the plain z-score of s, which is what is computed here (and a batch whose
-scores are all equal prunes nothing, where the public code divides by a zero MAD). It has no KL temperature
-(``tau`` 1 reproduces it).
+scores are all equal prunes nothing, where the public code divides by a zero MAD; a batch on which every
+classifier is an outlier, possible below a threshold of 1, keeps them all, where the public code's teacher is NaN).
+It has no KL temperature (``tau`` 1 reproduces it).
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ from biovlm.methods.losses import KL_REDUCTIONS, kl_distill
 
 
 def prune_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Bool mask of the scores whose z-score |s - mean| / std (unbiased) is <= threshold (all if std is 0)."""
+    """Bool mask of the scores whose z-score |s - mean| / std (unbiased) is <= threshold (all if std is 0, or if
+    none is)."""
     if scores.numel() < 2:
         return torch.ones_like(scores, dtype=torch.bool)
     std = scores.std()
     if not std > 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    return ((scores - scores.mean()).abs() / std) <= threshold
+    keep = ((scores - scores.mean()).abs() / std) <= threshold
+    # below a threshold of 1 every score can be an outlier; an empty teacher would be NaN (so is the public code's)
+    return keep if bool(keep.any()) else torch.ones_like(keep)
 
 
 class BiomedCoOp(PromptMethod):
