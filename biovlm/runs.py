@@ -42,7 +42,7 @@ from biovlm.config import (
     method_config,
 )
 from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
-from biovlm.store import RunStore, atomic_save, load_if_current  # noqa: F401 (atomic_save: part of this API)
+from biovlm.store import RunStore, atomic_save, load_if_current
 
 # Source files whose change invalidates finished runs (backbone changes also reach runs through the features).
 CODE_FILES = ("runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py", "filtering.py",
@@ -384,22 +384,18 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
         path = out_dir / f"{run.name}.pt"
         keep.add(path)
         run_hash_ = run_hash(method_name, cfg, run, inputs[run.dataset].digest, code)
-        state = load_if_current(path, run_hash_)
         t0 = time.perf_counter()
-        how = "done before, reused"
-        if state is None and store is not None and (state := store.get(run_hash_)) is not None:
-            atomic_save(output_state(state), path)
-            from_store += 1
-            how = "reused from the run store"
-        if state is None:
+
+        def train(run=run, run_hash_=run_hash_) -> dict:
             run_log = (lambda record, epoch, _name=run.name: log(_name, record, epoch)) if log else None
             state = train_and_evaluate(method_name, cfg, backbone, inputs[run.dataset], run, run_log, memo)
-            state.update(hash=run_hash_, run=asdict(run), method=method_name)
-            if store is not None:
-                store.put(run_hash_, state)
-            atomic_save(output_state(state), path)
-            trained += 1
-            how = f"{time.perf_counter() - t0:.1f} s"
+            return {**state, "hash": run_hash_, "run": asdict(run), "method": method_name}
+
+        state, source = reuse_or_compute(path, run_hash_, store, train)
+        trained += source == "computed"
+        from_store += source == "store"
+        how = {"file": "done before, reused", "store": "reused from the run store",
+               "computed": f"{time.perf_counter() - t0:.1f} s"}[source]
         saved[run] = state
         acc = ", ".join(f"{r['part']} {r['accuracy']:.1f}" for r in state["rows"])
         echo(f"[{i}/{len(runs)}] {method_name} {run.name}: accuracy {acc or 'n/a'} ({how})")
@@ -411,6 +407,23 @@ def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, Da
     echo(f"{method_name}: {len(runs)} runs ({trained} trained, {len(runs) - trained} reused, {from_store} of them "
          f"from the run store) in {time.perf_counter() - t_start:.1f} s")
     return results_frame(rows)
+
+
+def reuse_or_compute(path: Path | None, key: str, store: RunStore | None,
+                     compute: Callable[[], dict]) -> tuple[dict, str]:
+    """The result of hash ``key`` and where it came from: ``"file"`` (``path``, a DVC output, holds it), ``"store"``
+    (the run store does; ``path`` is rewritten from it) or ``"computed"`` (``compute()``, then kept in both)."""
+    state = None if path is None else load_if_current(path, key)
+    if state is not None:
+        return state, "file"
+    source = "store"
+    if store is None or (state := store.get(key)) is None:
+        state, source = compute(), "computed"
+        if store is not None:
+            store.put(key, state)
+    if path is not None:
+        atomic_save(output_state(state), path)
+    return state, source
 
 
 def crossdata_hash(source_hash: str, inputs: Mapping[str, DatasetInputs]) -> str:
@@ -431,18 +444,11 @@ def run_crossdata(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str,
             run = Run("fewshot", source, k, seed)
             expected = crossdata_hash(sources[run]["hash"], inputs)
             path = None if out_dir is None else out_dir / "crossdata" / source / f"k{k}_seed{seed}.pt"
-            state = None if path is None else load_if_current(path, expected)
-            if state is None and store is not None:
-                state = store.get(expected)
-            if state is None:
-                rows_ = cross_evaluate(method_name, cfg, backbone, sources[run], source, run, inputs, memo)
-                state = {"hash": expected, "rows": rows_}
-                if store is not None:
-                    store.put(expected, state)
             if path is not None:
                 keep.add(path)
-                if not path.exists() or load_if_current(path, expected) is None:
-                    atomic_save(state, path)
+            state, _ = reuse_or_compute(path, expected, store, lambda run=run, source=source, expected=expected: {
+                "hash": expected,
+                "rows": cross_evaluate(method_name, cfg, backbone, sources[run], source, run, inputs, memo)})
             rows += state["rows"]
     echo(f"{method_name} crossdata: {len(rows)} rows")
     return rows

@@ -150,7 +150,8 @@ def estimated_bytes(obj) -> int:
     return total + MARGIN_BYTES + MARGIN_PER_ARRAY * arrays
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts)."""
     if pid == os.getpid():
         return True
     try:
@@ -171,7 +172,7 @@ def remove_stale_temporaries(folder: str | Path, recursive: bool = True) -> list
     found = Path(folder).rglob(".*.tmp") if recursive else Path(folder).glob(".*.tmp")
     for path in sorted(found):  # nothing when the folder does not exist
         match = _TEMPORARY.fullmatch(path.name)
-        if match and path.is_file() and not _running(int(match.group(1))):
+        if match and path.is_file() and not process_running(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -25,6 +25,8 @@ import json
 import os
 from pathlib import Path
 
+from biovlm import storage
+
 RECORD = Path(".dvc") / "tmp" / "biovlm-experiment.json"
 
 
@@ -50,16 +52,6 @@ def dvc_pid(pid: int | None = None) -> int | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it runs
-        return True
-    return True
-
-
 def check_params(params: str | Path, record: str | Path = RECORD, environ: dict | None = None,
                  runner: int | None = None) -> None:
     """Record or check the digest of ``params`` for the running ``dvc exp run`` (see the module docstring)."""
@@ -75,7 +67,8 @@ def check_params(params: str | Path, record: str | Path = RECORD, environ: dict 
     except (OSError, ValueError):
         seen = {}
     other = seen.get("dvc_pid")
-    if (seen.get("experiment"), other) != (name, runner) and isinstance(other, int) and _alive(other):
+    another = (seen.get("experiment"), other) != (name, runner)
+    if another and isinstance(other, int) and storage.process_running(other):
         raise ConcurrentExperimentError(
             f"another `dvc exp run` ({seen.get('experiment')}, dvc pid {other}) is running in this workspace; DVC has "
             f"already rewritten {params} and reset outputs for this one ({name}), so both runs are void: let it end "
