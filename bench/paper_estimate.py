@@ -6,7 +6,7 @@ Measured here with ``biomedclip-random`` (BiomedCLIP's exact architecture; rando
   (the method's ``loss`` + backward + SGD step on a batch of cached features, as ``biovlm.train.fit`` runs it) and
   the prediction cost (the class-list part paid once per ``predict`` call, and the per-image part), linearly
   interpolated in the number of classes for the other datasets.
-Counted from params.yaml's paper profile (``biovlm.runs.plan_runs`` gives the runs): feature encodings per dataset
+Counted from params.yaml's paper profile (``biovlm.plan.plan_runs`` gives the runs): feature encodings per dataset
 (test split + validation shots + few-shot pool x (1 clean + 3 families x views), from the official split sizes in
 ``biovlm.data.DATASETS``), training steps per run (epochs x ceil(K x classes / batch)), the per-epoch validation
 predictions, and the test predictions of the few-shot, base-to-novel and cross-dataset settings.
@@ -133,7 +133,7 @@ def project(cfg: dict, costs: dict[str, dict]) -> dict:
     """Seconds per method for training (steps + per-epoch validation) and evaluation, from the run plan."""
     from biovlm import data
     from biovlm.config import crossdata_sources, method_config
-    from biovlm.runs import plan_runs
+    from biovlm.plan import plan_runs
 
     seeds, k = len(cfg["seeds"]), cfg["features"]["max_shots"]
     infos = {ds: data.get_dataset(ds) for ds in cfg["datasets"]}

@@ -145,13 +145,18 @@ _SECTION_RULES: dict[str, dict[str, Any]] = {
             "n": _pos_int, "temperature": _nonneg, "seed": lambda v: v is None or _int(v),
             "max_retries": _nonneg_int, "timeout": _pos, "backoff": _nonneg, "cache_dir": _str},
     "filter": {"keep": _pos_int},
+    "executor": {"kind": _choice("local", "ray"), "address": lambda v: v is None or isinstance(v, str),
+                 "workers": lambda v: v is None or _pos_int(v), "gpus_per_worker": _nonneg, "cpus_per_worker": _pos,
+                 "retries": _nonneg_int, "runtime_env": lambda v: v is None or isinstance(v, dict)},
     "train": {"epochs": _pos_int, "lr": _pos, "momentum": lambda v: _num(v) and 0 <= v < 1,
               "weight_decay": _nonneg, "warmup_epochs": _nonneg_int, "warmup_lr": _nonneg,
               "batch_size": _pos_int, "eval_batch_size": _pos_int, "val_every": _pos_int},
 }
+OPTIONAL_SECTIONS = ("executor",)  # absent: its defaults (biovlm/executors.py)
 _EXPECT_CUSTOM = {"data.size": "one of 28, 64, 128, 224", "data.synthetic": "true or false",
                   "backbone.cache_dir": "null or a folder", "backbone.threads": "null or a positive integer",
-                  "llm.model": "null or a model name",
+                  "llm.model": "null or a model name", "executor.address": "null, auto or ray://<head>:<port>",
+                  "executor.workers": "null or a positive integer", "executor.runtime_env": "null or a mapping",
                   "llm.seed": "null or an integer", "train.momentum": "a number in [0, 1)",
                   "linear_probe.C": "'search' or a number > 0",
                   "features.crop_scale": "[low, high] with 0 < low <= high <= 1 (area fractions)",
@@ -371,7 +376,7 @@ def validate(cfg: dict) -> None:
     _check_names(cfg, "settings", SETTINGS, "setting")
 
     for section, rules in _SECTION_RULES.items():
-        _check_section(cfg, section, rules)
+        _check_section(cfg, section, rules, required=section not in OPTIONAL_SECTIONS)
     for method, rules in METHOD_KNOBS.items():
         if cfg.get(method) is None:
             cfg[method] = {}

@@ -1,17 +1,14 @@
-"""Every run of one method: plan, check inputs, train, evaluate, save; resumable run by run.
+"""Every run of one method: check inputs, train, evaluate, save; resumable run by run.
 
-A *run* is (setting, dataset, shots K, seed): ``fewshot`` trains on K shots of every class and is tested on all
-classes; ``base2new`` trains on K shots of the base classes and is tested on base and novel classes separately.
-The cross-dataset setting trains nothing new: it reloads the ``fewshot`` checkpoint with ``crossdata.shots`` of
-each source and tests it on every dataset with that dataset's class names (source == target is the in-domain
-diagonal).
+Planning (which runs, and the hash naming each result) is ``biovlm/plan.py``; the run store ``biovlm/store.py``;
+where pending runs are computed (this process, or Ray workers) ``biovlm/executors.py``. This module loads and
+checks the inputs, computes one run (:class:`Worker`) and puts the pieces together (:func:`run_methods`).
 
 Resuming. Each run's result (method checkpoint, training history, metric rows) is one file
-``<out>/<setting>/<dataset>/k<K>_seed<S>.pt``, written atomically (temporary file + rename) and holding a hash of
-everything the run depends on: the method and train knobs, ``filter.keep``, the run itself, the bytes of the
-dataset's feature file and confidence table, and the source code of the training and evaluation path. A rerun
-skips every run whose file holds the current hash, so an interrupted train stage resumes where it stopped, and a
-changed knob, input or code retrains exactly the runs it affects. Files no plan refers to are deleted at the end.
+``<out>/<setting>/<dataset>/k<K>_seed<S>.pt``, written atomically (temporary file + rename) and holding the run's
+hash. A rerun skips every run whose file, or the run store, holds the current hash, so an interrupted train stage
+resumes where it stopped, and a changed knob, input or code retrains exactly the runs it affects. Files no plan
+refers to are deleted at the end.
 
 Inputs are checked before any training starts (:func:`load_inputs`): a missing or mismatched feature file
 (other backbone, image size, view count, seeds or too few shots) or attribute file is an error naming the stage
@@ -21,7 +18,6 @@ to rerun.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -42,47 +38,33 @@ from biovlm.config import (
     method_config,
 )
 from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
+from biovlm.plan import Run, code_digest, crossdata_hash, plan_runs, run_hash
 from biovlm.store import RunStore, atomic_save, load_if_current
 
-# Source files whose change invalidates finished runs (backbone changes also reach runs through the features).
-CODE_FILES = ("runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py", "filtering.py",
-              "sampling.py",
-              "methods/*.py")
-RUN_FORMAT = 1
-
 RunLog = Callable[[str, dict, int], None]  # (run name, epoch record, epoch)
+MethodLog = Callable[[str, str, dict, int], None]  # (method, run name, epoch record, epoch)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One run to compute: the method, the run, and the hash its result is stored under."""
+
+    method: str
+    run: Run
+    hash: str
 
 
 class InputError(ValueError):
     """A feature or attribute file is missing or does not match the configuration."""
 
 
-@dataclass(frozen=True)
-class Run:
-    setting: str  # "fewshot" | "base2new"
-    dataset: str
-    shots: int
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.setting}/{self.dataset}/k{self.shots}_seed{self.seed}"
-
-
-def plan_runs(cfg: Mapping) -> list[Run]:
-    """The runs of one method, in execution order: few-shot (every dataset, K, seed), the few-shot runs the
-    cross-dataset setting needs (even when ``fewshot`` is not a selected setting), then base-to-novel."""
-    settings, seeds = cfg["settings"], cfg["seeds"]
-    runs: list[Run] = []
-    if "fewshot" in settings:
-        runs += [Run("fewshot", ds, k, s) for ds in cfg["datasets"] for k in sorted(cfg["fewshot"]["shots"])
-                 for s in seeds]
-    if "crossdata" in settings:
-        k = cfg["crossdata"]["shots"]
-        runs += [r for ds in crossdata_sources(cfg) for s in seeds if (r := Run("fewshot", ds, k, s)) not in runs]
-    if "base2new" in settings:
-        runs += [Run("base2new", ds, cfg["base2new"]["shots"], s) for ds in cfg["datasets"] for s in seeds]
-    return runs
+def check_weights(weights_sha256: str, backbone_name: str, inputs: Mapping[str, DatasetInputs]) -> None:
+    """Refuse features that another set of weights made (another machine's download, a half-loaded model)."""
+    for name, item in inputs.items():
+        made_by = item.features.meta.get("weights_sha256")
+        if made_by != weights_sha256:
+            raise InputError(f"features of {name} were made by weights with sha256 {made_by}, but the loaded "
+                             f"{backbone_name} has {weights_sha256}: rerun the features stage (dvc repro)")
 
 
 # ---------------------------------------------------------------------------------------------- hashing, files
@@ -90,28 +72,6 @@ def file_digest(path: str | Path) -> str:
     from biovlm.data import file_hash
 
     return file_hash(path)
-
-
-def code_digest() -> str:
-    """Hash of the source of the training and evaluation path (``CODE_FILES``)."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for pattern in CODE_FILES:
-        for path in sorted(root.glob(pattern)):
-            digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def run_hash(method: str, cfg: Mapping, run: Run, inputs_digest: str, code: str) -> str:
-    """Hash of everything a run's result depends on."""
-    mcfg = method_config(cfg, method, run.setting, run.dataset)
-    data = cfg.get("data") or {}
-    texts = {k: data[k] for k in ("class_names", "attribute_template", "template") if k in data}  # prompt wording
-    payload = {"format": RUN_FORMAT, "method": method, "knobs": mcfg[method], "train": mcfg["train"],
-               "keep": cfg["filter"]["keep"], "texts": texts, "run": asdict(run), "inputs": inputs_digest,
-               "code": code}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -360,89 +320,148 @@ def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source
     return rows
 
 
-# ---------------------------------------------------------------------------------------------- the method
+# ---------------------------------------------------------------------------------------------- one run, anywhere
+class Worker:
+    """Computes runs with one loaded backbone and the inputs of the datasets it may be asked for: what the local
+    executor runs in the stage's process, and each Ray worker in its own (``biovlm/executors.py``)."""
+
+    def __init__(self, cfg: Mapping, backbone, inputs: Mapping[str, DatasetInputs]):
+        self.cfg, self.backbone, self.inputs = cfg, backbone, inputs
+        self.memos: dict[str, dict] = {}  # per static method: evaluations that cannot differ between its runs
+        share_text_features(backbone)
+
+    def run(self, task: Task, log: Callable[[dict, int], None] | None = None) -> dict:
+        """The result of ``task``: {"hash", "run", "method", "checkpoint", "history", "rows"}."""
+        memo = self.memos.setdefault(task.method, {}) if is_static(task.method) else None
+        state = train_and_evaluate(task.method, self.cfg, self.backbone, self.inputs[task.run.dataset], task.run,
+                                   log, memo)
+        return {**state, "hash": task.hash, "run": asdict(task.run), "method": task.method}
+
+
+# ---------------------------------------------------------------------------------------------- the methods
 def run_method(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, DatasetInputs], out_dir: str | Path,
                log: RunLog | None = None, echo: Callable[[str], None] = print, store: RunStore | None = None,
-               datasets: Sequence[str] | None = None, crossdata: bool = True) -> pd.DataFrame:
-    """Execute (or reuse) every run of ``method_name`` on ``datasets`` (default: all of ``cfg``); return the rows of
-    the selected settings, with the cross-dataset rows when ``crossdata`` (which needs every dataset's inputs).
+               datasets: Sequence[str] | None = None, crossdata: bool = True, executor=None) -> pd.DataFrame:
+    """Execute (or reuse) every run of ``method_name`` on ``datasets`` (default: all of ``cfg``) and return the rows
+    of the selected settings, with the cross-dataset rows when ``crossdata`` (which needs every dataset's inputs).
+    ``executor``: where pending runs are computed (default: this process, with ``backbone``)."""
+    from biovlm.executors import LocalExecutor
 
-    A run is reused from its file in ``out_dir`` when that holds the run's current hash, else from ``store`` (the
-    run store, which outlives DVC's restored outputs); a trained run goes to both."""
     out_dir = Path(out_dir)
-    share_text_features(backbone)
-    memo = {} if is_static(method_name) else None
-    code = code_digest()
-    runs = [r for r in plan_runs(cfg) if datasets is None or r.dataset in datasets]
-    saved: dict[Run, dict] = {}
-    keep: set[Path] = set()
-    t_start, trained, from_store = time.perf_counter(), 0, 0
-    if stale := storage.remove_stale_temporaries(out_dir):  # a killed run's; DVC would see a changed folder
-        echo(f"{method_name}: removed {len(stale)} temporary file(s) left by an interrupted run: "
-             f"{', '.join(str(p) for p in stale)}")
-    for i, run in enumerate(runs, 1):
-        path = out_dir / f"{run.name}.pt"
-        keep.add(path)
-        run_hash_ = run_hash(method_name, cfg, run, inputs[run.dataset].digest, code)
-        t0 = time.perf_counter()
-
-        def train(run=run, run_hash_=run_hash_) -> dict:
-            run_log = (lambda record, epoch, _name=run.name: log(_name, record, epoch)) if log else None
-            state = train_and_evaluate(method_name, cfg, backbone, inputs[run.dataset], run, run_log, memo)
-            return {**state, "hash": run_hash_, "run": asdict(run), "method": method_name}
-
-        state, source = reuse_or_compute(path, run_hash_, store, train)
-        trained += source == "computed"
-        from_store += source == "store"
-        how = {"file": "done before, reused", "store": "reused from the run store",
-               "computed": f"{time.perf_counter() - t0:.1f} s"}[source]
-        saved[run] = state
-        acc = ", ".join(f"{r['part']} {r['accuracy']:.1f}" for r in state["rows"])
-        echo(f"[{i}/{len(runs)}] {method_name} {run.name}: accuracy {acc or 'n/a'} ({how})")
-
-    rows = [r for run in runs for r in saved[run]["rows"] if r["setting"] in cfg["settings"]]
+    executor = executor or LocalExecutor(cfg, backbone, inputs)
+    method_log = (lambda method, name, record, epoch: log(name, record, epoch)) if log else None
+    saved = run_methods([method_name], cfg, inputs, {method_name: out_dir}, executor, method_log, echo, store,
+                        datasets)[method_name]
+    rows, keep = selected_rows(cfg, saved), run_files(out_dir, saved)
     if crossdata and "crossdata" in cfg["settings"]:
-        rows += run_crossdata(method_name, cfg, backbone, inputs, saved, store, out_dir, keep, memo, echo)
-    _prune(out_dir, keep)
-    echo(f"{method_name}: {len(runs)} runs ({trained} trained, {len(runs) - trained} reused, {from_store} of them "
-         f"from the run store) in {time.perf_counter() - t_start:.1f} s")
+        rows += run_crossdata(method_name, cfg, backbone, inputs, saved, store, out_dir, keep, echo=echo)
+    prune(out_dir, keep)
     return results_frame(rows)
+
+
+def selected_rows(cfg: Mapping, saved: Mapping[Run, dict]) -> list[dict]:
+    """The metric rows of ``saved`` runs in the selected settings (a crossdata source's few-shot run may be
+    trained without ``fewshot`` being one)."""
+    return [r for state in saved.values() for r in state["rows"] if r["setting"] in cfg["settings"]]
+
+
+def run_files(out_dir: Path, saved: Mapping[Run, dict]) -> set[Path]:
+    return {Path(out_dir) / f"{run.name}.pt" for run in saved}
+
+
+def run_methods(methods: Sequence[str], cfg: Mapping, inputs: Mapping[str, DatasetInputs],
+                out_dirs: Mapping[str, Path], executor, log: MethodLog | None = None,
+                echo: Callable[[str], None] = print, store: RunStore | None = None,
+                datasets: Sequence[str] | None = None) -> dict[str, dict[Run, dict]]:
+    """Every run of ``methods`` on ``datasets``, by method and run, in plan order. A run is reused from its file in
+    ``out_dirs[method]`` when that holds the run's current hash, else from ``store`` (which outlives DVC's restored
+    outputs); the other runs of all methods go to ``executor`` together (so many workers stay busy), and each result
+    is stored, in the store and its file, as soon as it comes back: an interruption loses no finished run."""
+    code, t_start = code_digest(), time.perf_counter()
+    plans = {m: [r for r in plan_runs(cfg) if datasets is None or r.dataset in datasets] for m in methods}
+    total = sum(len(p) for p in plans.values())
+    states: dict[str, dict[Run, dict]] = {m: {} for m in methods}
+    counts = {m: {"file": 0, "store": 0, "computed": 0} for m in methods}
+    pending: list[Task] = []
+    done = 0
+    for method, runs in plans.items():
+        out_dir = Path(out_dirs[method])
+        if stale := storage.remove_stale_temporaries(out_dir):  # a killed run's; DVC would see a changed folder
+            echo(f"{method}: removed {len(stale)} temporary file(s) left by an interrupted run: "
+                 f"{', '.join(str(p) for p in stale)}")
+        for run in runs:
+            task = Task(method, run, run_hash(method, cfg, run, inputs[run.dataset].digest, code))
+            state, source = reuse(out_dir / f"{run.name}.pt", task.hash, store)
+            if state is None:
+                pending.append(task)
+                continue
+            states[method][run], done = state, done + 1
+            counts[method][source] += 1
+            how = "done before, reused" if source == "file" else "reused from the run store"
+            echo(f"[{done}/{total}] {_describe(method, run, state)} ({how})")
+    if pending and len(methods) > 1:
+        echo(f"{len(pending)} of {total} runs to compute on {executor.describe()}")
+    task_log = (lambda task, record, epoch: log(task.method, task.run.name, record, epoch)) if log else None
+    for task, state, seconds in executor.map(pending, task_log):
+        if store is not None:
+            store.put(task.hash, state)
+        atomic_save(output_state(state), Path(out_dirs[task.method]) / f"{task.run.name}.pt")
+        states[task.method][task.run], done = state, done + 1
+        counts[task.method]["computed"] += 1
+        echo(f"[{done}/{total}] {_describe(task.method, task.run, state)} ({seconds:.1f} s)")
+    elapsed = time.perf_counter() - t_start
+    for method, c in counts.items():
+        n = len(plans[method])
+        echo(f"{method}: {n} runs ({c['computed']} trained, {n - c['computed']} reused, {c['store']} of them from "
+             f"the run store) in {elapsed:.1f} s")
+    return {m: {run: states[m][run] for run in plans[m]} for m in methods}
+
+
+def _describe(method: str, run: Run, state: dict) -> str:
+    acc = ", ".join(f"{r['part']} {r['accuracy']:.1f}" for r in state["rows"])
+    return f"{method} {run.name}: accuracy {acc or 'n/a'}"
+
+
+def reuse(path: Path | None, key: str, store: RunStore | None) -> tuple[dict | None, str]:
+    """The result of hash ``key`` if already computed, and where it was: ``"file"`` (``path``, a DVC output, holds
+    it) or ``"store"`` (the run store does; ``path`` is rewritten from it); (None, "") if neither has it."""
+    state = None if path is None else load_if_current(path, key)
+    if state is not None:
+        return state, "file"
+    state = None if store is None else store.get(key)
+    if state is None:
+        return None, ""
+    if path is not None:
+        atomic_save(output_state(state), path)
+    return state, "store"
 
 
 def reuse_or_compute(path: Path | None, key: str, store: RunStore | None,
                      compute: Callable[[], dict]) -> tuple[dict, str]:
-    """The result of hash ``key`` and where it came from: ``"file"`` (``path``, a DVC output, holds it), ``"store"``
-    (the run store does; ``path`` is rewritten from it) or ``"computed"`` (``compute()``, then kept in both)."""
-    state = None if path is None else load_if_current(path, key)
+    """:func:`reuse`, else ``compute()`` (source ``"computed"``), then kept in the store and ``path``."""
+    state, source = reuse(path, key, store)
     if state is not None:
-        return state, "file"
-    source = "store"
-    if store is None or (state := store.get(key)) is None:
-        state, source = compute(), "computed"
-        if store is not None:
-            store.put(key, state)
+        return state, source
+    state = compute()
+    if store is not None:
+        store.put(key, state)
     if path is not None:
         atomic_save(output_state(state), path)
-    return state, source
-
-
-def crossdata_hash(source_hash: str, inputs: Mapping[str, DatasetInputs]) -> str:
-    """Hash of one source checkpoint's evaluation on every dataset of ``inputs``."""
-    all_inputs = hashlib.sha256("".join(inputs[d].digest for d in inputs).encode()).hexdigest()
-    return hashlib.sha256(f"{source_hash}:{all_inputs}:{list(inputs)}".encode()).hexdigest()
+    return state, "computed"
 
 
 def run_crossdata(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, DatasetInputs],
                   sources: Mapping[Run, dict], store: RunStore | None, out_dir: Path | None = None,
-                  keep: set[Path] | None = None, memo: dict | None = None,
-                  echo: Callable[[str], None] = print) -> list[dict]:
+                  keep: set[Path] | None = None, echo: Callable[[str], None] = print) -> list[dict]:
     """The cross-dataset rows of ``method_name``: each source's few-shot state (``sources``, by run) tested on every
     dataset of ``inputs``; reused from ``out_dir`` or ``store`` by hash, else computed and stored."""
     k, rows = cfg["crossdata"]["shots"], []
+    memo = {} if is_static(method_name) else None  # a static method's evaluation of a target is the same each time
+    digests = {d: inputs[d].digest for d in inputs}
     for source in crossdata_sources(cfg):
         for seed in cfg["seeds"]:
             run = Run("fewshot", source, k, seed)
-            expected = crossdata_hash(sources[run]["hash"], inputs)
+            expected = crossdata_hash(sources[run]["hash"], digests)
             path = None if out_dir is None else out_dir / "crossdata" / source / f"k{k}_seed{seed}.pt"
             if path is not None:
                 keep.add(path)
@@ -491,7 +510,7 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
                              kind="stable").reset_index(drop=True)
 
 
-def _prune(out_dir: Path, keep: set[Path]) -> None:
+def prune(out_dir: Path, keep: set[Path]) -> None:
     """Delete run files no current plan refers to (left by earlier configurations), then empty folders."""
     for path in out_dir.rglob("*.pt"):  # nothing when out_dir does not exist
         if path not in keep:

@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     from biovlm.backbone import load_backbone
     from biovlm.runs import (
         class_specific,
-        is_static,
         load_inputs,
         results_frame,
         run_crossdata,
@@ -61,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     backbone = load_backbone(b["name"], device=torch_device(cfg), cache_dir=b["cache_dir"])
     share_text_features(backbone)
     for method in cfg["methods"]:
-        rows = [] if method not in states else run_crossdata(method, cfg, backbone, inputs, states[method], store,
-                                                             memo={} if is_static(method) else None)
+        rows = [] if method not in states else run_crossdata(method, cfg, backbone, inputs, states[method], store)
         results_frame(rows).to_csv(out / f"{method}.csv", index=False, float_format="%.6g")
         print(f"crossdata {method}: {len(rows)} rows ({time.perf_counter() - t0:.1f} s)")
 

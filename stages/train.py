@@ -59,61 +59,67 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train {' '.join(datasets)}: {' '.join(args.methods)}; {describe_profile(cfg)}")
 
     from biovlm.backbone import load_backbone
-    from biovlm.runs import load_inputs, run_method
+    from biovlm.executors import make_executor
+    from biovlm.runs import check_weights, load_inputs
     from biovlm.store import RunStore
 
     inputs = load_inputs(cfg, args.features, args.filtered, datasets)  # every input checked before any training
     b = cfg["backbone"]
-    backbone = load_backbone(b["name"], device=torch_device(cfg), cache_dir=b["cache_dir"])
-    print(f"  inputs and backbone ready in {time.perf_counter() - t0:.1f} s on {backbone.device}")
-    check_weights(backbone, inputs)
-    store = None if args.no_store else RunStore(args.store)
-    if store is not None:
-        print(f"  run store: {store.root}")
-    record = environment.describe(str(backbone.device), backbone)
-    print(f"  environment: {environment.summary_line(record)}")
-    for dataset in datasets:
-        results_dir = Path(args.results) / dataset
-        results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / "environment.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        checkpoints = Path(args.checkpoints) / dataset
-        if set(args.methods) == set(cfg["methods"]):  # checkpoints of methods no longer benchmarked
-            for stale in sorted(checkpoints.glob("*")):
-                if stale.is_dir() and stale.name not in cfg["methods"]:
-                    shutil.rmtree(stale)
-        for method in args.methods:
-            live, log = None, None
-            if not args.no_live:
-                from dvclive import Live
-
-                # DVC runs this stage: dvclive must neither make experiments nor edit dvc.yaml
-                live = Live(dir=str(Path(args.live) / dataset / method), save_dvc_exp=False, dvcyaml=None)
-                log = _live_logger(live)
-            results = run_method(method, cfg, backbone, inputs, checkpoints / method, log=log, store=store,
-                                 datasets=[dataset], crossdata=False)
-            out = results_dir / f"{method}.csv"
-            out.parent.mkdir(parents=True, exist_ok=True)  # a concurrent `dvc exp run` may have reset it meanwhile
-            results.to_csv(out, index=False, float_format="%.6g")
-            if live is not None:
-                live.end()
-            print(f"train {dataset} {method}: {len(results)} rows -> {out} ({time.perf_counter() - t0:.1f} s)")
+    executor = make_executor(cfg, inputs, lambda: load_backbone(b["name"], device=torch_device(cfg),
+                                                                cache_dir=b["cache_dir"]))
+    try:
+        print(f"  inputs and backbone ready in {time.perf_counter() - t0:.1f} s on {executor.describe()}")
+        identity = executor.identity()
+        check_weights(identity["weights_sha256"], b["name"], inputs)
+        store = None if args.no_store else RunStore(args.store)
+        if store is not None:
+            print(f"  run store: {store.root}")
+        record = identity["environment"]
+        print(f"  environment: {environment.summary_line(record)}")
+        for dataset in datasets:
+            train_dataset(dataset, args, cfg, {dataset: inputs[dataset]}, executor, store, record, t0)
+    finally:
+        executor.close()
 
 
-def check_weights(backbone, inputs: dict) -> None:
-    """Refuse features that another set of weights made (another machine's download, a half-loaded model)."""
-    from biovlm.runs import InputError
+def train_dataset(dataset: str, args, cfg: dict, inputs: dict, executor, store, record: dict, t0: float) -> None:
+    """Every run of every method on ``dataset`` (their pending runs dispatched together), then its files."""
+    from biovlm.runs import prune, results_frame, run_files, run_methods, selected_rows
 
-    for name, item in inputs.items():
-        made_by = item.features.meta.get("weights_sha256")
-        if made_by != backbone.fingerprint:
-            raise InputError(f"features of {name} were made by weights with sha256 {made_by}, but the loaded "
-                             f"{backbone.name} has {backbone.fingerprint}: rerun the features stage (dvc repro)")
+    results_dir = Path(args.results) / dataset
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "environment.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    checkpoints = Path(args.checkpoints) / dataset
+    if set(args.methods) == set(cfg["methods"]):  # checkpoints of methods no longer benchmarked
+        for stale in sorted(checkpoints.glob("*")):
+            if stale.is_dir() and stale.name not in cfg["methods"]:
+                shutil.rmtree(stale)
+    lives = {}
+    if not args.no_live:
+        from dvclive import Live
+
+        # DVC runs this stage: dvclive must neither make experiments nor edit dvc.yaml
+        lives = {m: Live(dir=str(Path(args.live) / dataset / m), save_dvc_exp=False, dvcyaml=None)
+                 for m in args.methods}
+    out_dirs = {m: checkpoints / m for m in args.methods}
+    states = run_methods(args.methods, cfg, inputs, out_dirs, executor, _live_logger(lives) if lives else None,
+                         store=store, datasets=[dataset])
+    for method in args.methods:
+        prune(out_dirs[method], run_files(out_dirs[method], states[method]))
+        out = results_dir / f"{method}.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)  # a concurrent `dvc exp run` may have reset it meanwhile
+        results = results_frame(selected_rows(cfg, states[method]))
+        results.to_csv(out, index=False, float_format="%.6g")
+        if method in lives:
+            lives[method].end()
+        print(f"train {dataset} {method}: {len(results)} rows -> {out} ({time.perf_counter() - t0:.1f} s)")
 
 
-def _live_logger(live):
-    """Per-run curves: ``<setting>/<dataset>/k<K>_seed<S>/<term>`` with the epoch as step."""
+def _live_logger(lives: dict):
+    """Per-run curves of each method: ``<setting>/<dataset>/k<K>_seed<S>/<term>`` with the epoch as step."""
 
-    def log(run_name: str, record: dict, epoch: int) -> None:
+    def log(method: str, run_name: str, record: dict, epoch: int) -> None:
+        live = lives[method]
         live.step = epoch
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)):

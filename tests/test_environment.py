@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from biovlm import environment
-from biovlm.runs import InputError
-from stages.train import check_weights
+from biovlm.runs import InputError, check_weights
 
 
 def test_record_names_versions_commit_device_and_weights(tiny_backbone):
@@ -32,8 +31,8 @@ def test_git_commit_outside_a_repository_is_unknown(tmp_path):
 
 def test_features_made_by_other_weights_are_refused(tiny_backbone):
     ok = SimpleNamespace(features=SimpleNamespace(meta={"weights_sha256": tiny_backbone.fingerprint}))
-    check_weights(tiny_backbone, {"bloodmnist": ok})
+    check_weights(tiny_backbone.fingerprint, "tiny", {"bloodmnist": ok})
     other = SimpleNamespace(features=SimpleNamespace(meta={"weights_sha256": "ab" * 32}))
     with pytest.raises(InputError, match=rf"features of breastmnist were made by weights with sha256 {'ab' * 32}, "
                                          rf"but the loaded tiny has {tiny_backbone.fingerprint}: rerun the features"):
-        check_weights(tiny_backbone, {"bloodmnist": ok, "breastmnist": other})
+        check_weights(tiny_backbone.fingerprint, "tiny", {"bloodmnist": ok, "breastmnist": other})

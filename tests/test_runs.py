@@ -20,6 +20,7 @@ import torch
 from conftest import demo_transform
 from test_pipeline import DATASETS2, fake_inputs, small_config
 
+from biovlm import plan as planning
 from biovlm import runs, storage
 from biovlm.data import get_dataset
 from biovlm.evaluate import RESULT_COLUMNS, classification_metrics
@@ -88,14 +89,14 @@ def test_code_digest_hashes_every_code_file_by_name_and_bytes():
     root = Path(runs.__file__).resolve().parent
     digest = hashlib.sha256()
     names = []
-    for pattern in runs.CODE_FILES:
+    for pattern in planning.CODE_FILES:
         for path in sorted(root.glob(pattern)):
             names.append(path.relative_to(root).as_posix())
             digest.update(names[-1].encode() + path.read_bytes())
     methods = sorted(f"methods/{p.name}" for p in (root / "methods").glob("*.py"))
-    assert names == ["runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py", "filtering.py",
-                     "sampling.py", *methods]
-    assert runs.code_digest() == digest.hexdigest()
+    assert names == ["plan.py", "runs.py", "train.py", "routing.py", "evaluate.py", "prompts.py", "backbone.py",
+                     "filtering.py", "sampling.py", *methods]
+    assert planning.code_digest() == digest.hexdigest()
 
 
 def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
@@ -481,14 +482,14 @@ def test_run_method_reports_saves_reuses_and_prunes(tiny_backbone, inputs, tmp_p
         acc = df[(df.setting == "fewshot") & (df.target == run.dataset) & (df.shots == run.shots)
                  & (df.seed == run.seed)].accuracy.item()
         assert re.fullmatch(rf"\[{i}/8\] zeroshot {run.name}: accuracy all {acc:.1f} \(\d+\.\d s\)", line), line
-    assert lines[8] == "zeroshot crossdata: 4 rows"
-    assert len(lines) == 10
     done = r"zeroshot: 8 runs \(8 trained, 0 reused, 0 of them from the run store\) in \d+\.\d s"
-    assert re.fullmatch(done, lines[9])
+    assert re.fullmatch(done, lines[8])
+    assert lines[9] == "zeroshot crossdata: 4 rows"
+    assert len(lines) == 10
     assert not stale.exists() and not (out / "fewshot" / "old").exists() and (out / "notes.txt").exists()
-    runs._prune(tmp_path / "never-written", set())  # no folder: nothing to prune
+    runs.prune(tmp_path / "never-written", set())  # no folder: nothing to prune
 
-    code = runs.code_digest()
+    code = planning.code_digest()
     for run in plan:
         state = torch.load(out / f"{run.name}.pt", weights_only=True)
         assert state["hash"] == runs.run_hash("zeroshot", cfg, run, inputs[run.dataset].digest, code)
@@ -512,7 +513,7 @@ def test_run_method_reports_saves_reuses_and_prunes(tiny_backbone, inputs, tmp_p
     first = df[(df.target == "breastmnist") & (df.shots == 1) & (df.seed == 1)].accuracy.item()
     assert lines[0] == f"[1/8] zeroshot {plan[0].name}: accuracy all {first:.1f} (done before, reused)"
     done = r"zeroshot: 8 runs \(0 trained, 8 reused, 0 of them from the run store\) in \d+\.\d s"
-    assert re.fullmatch(done, lines[-1])
+    assert re.fullmatch(done, lines[-2])
     # fewer settings: the crossdata files go, their rows too
     fewer = runs.run_method("zeroshot", small_config(settings=["fewshot"]), tiny_backbone, inputs, out, **QUIET)
     assert set(fewer.setting) == {"fewshot"} and not (out / "crossdata").exists()

@@ -63,7 +63,7 @@ def test_runs_lost_with_the_checkpoints_come_back_from_the_store(tiny_backbone, 
     lines: list[str] = []
     first = runs.run_method("coop", cfg, tiny_backbone, inputs, out, echo=lines.append, store=store)
     n = len(runs.plan_runs(cfg))
-    assert lines[-1].startswith(f"coop: {n} runs ({n} trained, 0 reused, 0 of them from the run store)")
+    assert lines[-2].startswith(f"coop: {n} runs ({n} trained, 0 reused, 0 of them from the run store)")
     stored = sorted(p.name for p in (tmp_path / "store").rglob("*.pt"))
     assert len(stored) == n + len(cfg["seeds"])  # every run and every cross-dataset evaluation
     shutil.rmtree(out)
@@ -72,7 +72,7 @@ def test_runs_lost_with_the_checkpoints_come_back_from_the_store(tiny_backbone, 
     lines.clear()
     again = runs.run_method("coop", cfg, tiny_backbone, inputs, out, echo=lines.append, store=store)
     assert calls == [] and again.equals(first)
-    assert lines[-1].startswith(f"coop: {n} runs (0 trained, {n} reused, {n} of them from the run store)")
+    assert lines[-2].startswith(f"coop: {n} runs (0 trained, {n} reused, {n} of them from the run store)")
     assert len(list(out.rglob("*.pt"))) == n + len(cfg["seeds"])  # the DVC output is rebuilt from the store
 
 
