@@ -1,11 +1,16 @@
-"""Documentation that names code must name code that exists (the failure-modes table's tests, the links); the licence
-and citation metadata agree with the package."""
+"""Documentation that names code must name code that exists (the failure-modes table's tests, the links, one API page
+per module); the site builds with no warning; the licence and citation metadata agree with the package."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
+from html.parser import HTMLParser
 
+import pytest
 import yaml
 from conftest import ROOT
 
@@ -25,6 +30,66 @@ def test_readme_and_docs_links_point_to_files_that_exist():
             if target.startswith(("http://", "https://", "mailto:")):
                 continue
             assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+
+
+# The documentation site (mkdocs.yml): built here so that the README's single test command covers it.
+DOCS_EXTRA = "the docs extra is not installed: pip install -c requirements/constraints.txt -e '.[dev,docs]'"
+# Every element the site's pages use. A name outside this set is text such as "<class>" outside backticks, which
+# Markdown passes through as an HTML tag and the browser then hides.
+HTML_TAGS = {"a", "abbr", "article", "aside", "b", "blockquote", "body", "br", "button", "code", "dd", "del",
+             "details", "div", "dl", "dt", "em", "footer", "form", "g", "h1", "h2", "h3", "h4", "h5", "h6", "head",
+             "header", "hr", "html", "i", "img", "input", "kbd", "label", "li", "link", "main", "mark", "meta", "nav",
+             "noscript", "ol", "p", "path", "pre", "script", "section", "small", "span", "strong", "style", "sub",
+             "summary", "sup", "svg", "table", "tbody", "td", "th", "thead", "title", "tr", "ul"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    if ROOT.name == "mutants":
+        pytest.skip("a mutation-testing copy of the checkout (bench/mutation.py): the site is not what it tests")
+    for module in ("mkdocs", "material", "mkdocstrings_handlers.python"):
+        pytest.importorskip(module, reason=DOCS_EXTRA)
+    out = tmp_path_factory.mktemp("site")
+    # --strict: a broken link or anchor, a page left out of the nav, a module mkdocstrings cannot collect or a
+    # docstring it cannot parse is an error, not a warning in a log nobody reads.
+    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert built.returncode == 0, built.stdout + built.stderr
+    return out
+
+
+def test_the_site_builds_strictly_with_the_api_reference_from_docstrings(site):
+    config_page = (site / "api" / "config" / "index.html").read_text()
+    assert "load_config" in config_page
+    assert "Every stage calls" in config_page  # the module's docstring, rendered
+    assert (site / "citing" / "index.html").exists()
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.unknown = set()
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in HTML_TAGS:
+            self.unknown.add(tag)
+
+
+def test_no_text_of_the_site_is_swallowed_as_an_unknown_html_tag(site):
+    for page in sorted(site.rglob("*.html")):
+        tags = _Tags()
+        tags.feed(page.read_text())
+        assert not tags.unknown, (f"{page.relative_to(site)} shows {sorted(tags.unknown)} as HTML tags: put the text "
+                                  "in backticks or write &lt; and &gt; (a real HTML element: add it to HTML_TAGS)")
+
+
+def test_every_module_has_an_api_page():
+    pages = "\n".join(page.read_text() for page in (ROOT / "docs" / "api").glob("*.md"))
+    modules = [path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+               for path in sorted((ROOT / "biovlm").rglob("*.py")) if path.name != "__init__.py"]
+    for module in modules:
+        assert re.search(rf"^::: {re.escape(module)}$", pages, re.M), \
+            f"{module} has no API page: add '::: {module}' to a page of docs/api/ (and a new page to mkdocs.yml's nav)"
 
 
 def test_licence_and_citation_match_the_package():
