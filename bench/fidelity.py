@@ -242,7 +242,9 @@ def render(params: Path = ROOT / "params.yaml") -> str:
     for row in ROWS:
         ours = _value(cfg, row)
         mark = "same" if _same(ours, row.published) else f"**{_show(ours)}**"
-        lines.append(f"| {row.method or 'all'} | {row.setting} | {_show(row.published)} | {row.source} | {mark} | "
+        # a placeholder such as <dataset> in a source path is not an HTML tag: escaped, it shows instead of vanishing
+        source = row.source.replace("<", "&lt;").replace(">", "&gt;")
+        lines.append(f"| {row.method or 'all'} | {row.setting} | {_show(row.published)} | {source} | {mark} | "
                      f"{row.why} |")
     lines += ["", "## Changed behaviour of the public BioVLM code", "",
               "What the public code does that contradicts the paper's description or cannot run; not a setting, "

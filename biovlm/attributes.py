@@ -1,7 +1,7 @@
 """Class attributes: the shipped curated set, and live LLM querying through a committed response cache.
 
 Attributes are short visual descriptions of a class ("large empty polygonal spaces left by dissolved fat") that
-BioVLM pairs with the class name in "<modality> of <class>, which has <attribute>". Three sources
+BioVLM pairs with the class name in ``"<modality> of <class>, which has <attribute>"``. Three sources
 (``llm.source``):
 
 - ``curated(dataset)``: attributes written by this project from domain knowledge and shipped in

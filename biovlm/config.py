@@ -6,7 +6,7 @@ replaced). An overlay changes values only: it may not change ``datasets`` or ``m
 expands its ``foreach`` stages from the top-level lists, and it may not add keys the top level lacks (a typo
 would otherwise be ignored silently).
 
-Every stage calls :func:`load_config` first, so a bad value (unknown dataset, method, setting or backbone name,
+Every stage calls ``load_config`` first, so a bad value (unknown dataset, method, setting or backbone name,
 ``select_ratio`` outside (0, 1], shots the data cannot provide, ...) fails in seconds with a message naming the
 key and the fix, never deep inside training. This module imports no torch.
 """
@@ -350,7 +350,7 @@ def _check_shots(cfg: dict, key: str, value: Any) -> list[int]:
 
 
 def validate_backbone_name(name: str) -> None:
-    """Known names, or '<open_clip architecture>/<pretrained tag>' (checked further when loaded)."""
+    """Known names, or ``<open_clip architecture>/<pretrained tag>`` (checked further when loaded)."""
     if name in BACKBONES or re.fullmatch(r"[\w.\-]+/[\w.\-]+", name or "") or str(name).startswith("hf-hub:"):
         return
     raise ConfigError(f"params.yaml: unknown backbone.name {name!r}; valid names: {', '.join(BACKBONES)}, or an "
@@ -358,7 +358,7 @@ def validate_backbone_name(name: str) -> None:
 
 
 def validate(cfg: dict) -> None:
-    """Check every section; raise :class:`ConfigError` naming the key, the bad value and the fix."""
+    """Check every section; raise ``ConfigError`` naming the key, the bad value and the fix."""
     from biovlm.data import DATASETS  # light: numpy and medmnist's info table only
 
     known = {"profile", "_profile", "_from_profile", "seeds", "datasets", "methods", "settings",

@@ -163,7 +163,7 @@ def ordered(values: Iterable, preferred: Sequence | None) -> list:
 
 def fewshot_metrics(df: pd.DataFrame, methods: Sequence[str] | None = None,
                     datasets: Sequence[str] | None = None) -> dict:
-    """{method: {"k<K>": {dataset | "average": {metric: {mean, std}}}}}."""
+    """``{method: {"k<K>": {dataset | "average": {metric: {mean, std}}}}}``."""
     df = df[(df.setting == "fewshot") & (df.part == "all")]
     out: dict = {}
     for method in ordered(df.method, methods):

@@ -8,7 +8,7 @@ Prompt learning only trains text-side tensors, so the image tower runs exactly o
   augmentation (``pool_clean``) and as ``views`` augmented view *tuples* per image: ``plain`` (random resized crop
   + flip: the training transform), and ``weak`` (flip) and ``strong`` (flip, colour jitter with probability
   ``jitter_p``, Gaussian blur with probability ``blur_p``) applied to that same crop, as the public BioVLM code
-  builds its teacher views from the student's augmented image. The defaults (:class:`ViewTransform`) are the
+  builds its teacher views from the student's augmented image. The defaults (``ViewTransform``) are the
   public code's: Dassl's crop scale (0.08, 1), jitter p 0.8, blur p 0.5 with a 3-pixel kernel, ImageNet mean/std.
 
 Every random parameter of image ``i``'s view ``v`` comes from a generator keyed by (``features.seed``, ``i``,
@@ -325,7 +325,7 @@ def read_meta(path: str | Path) -> dict:
 
 def load_features(path: str | Path, expect: dict | None = None) -> FeatureSet:
     """Load a feature file, refusing one whose metadata differs from ``expect`` (key by key) and a damaged one
-    (:class:`FeatureFileError`, naming the file and the stage to rerun)."""
+    (``FeatureFileError``, naming the file and the stage to rerun)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -5,7 +5,7 @@ few-shot pool image (the union over seeds of the largest shot sets, clean featur
 ``prompts.attribute_text(info, class, a)`` and with every class's mean attribute text (re-normalised). It is written
 as JSON, so every number can be inspected.
 
-Each run then selects its own attributes (:meth:`ConfidenceTable.select`), from **its own training shots of its own
+Each run then selects its own attributes (``ConfidenceTable.select``), from **its own training shots of its own
 training classes only**: never another seed's shots, validation or test images, novel classes' images or names.
 Score ``SCORE_NAME``: for a training class c and its attribute a, the text t competes with the mean attribute text
 m_j of every *other training class* j. On each of the run's class-c shots x,

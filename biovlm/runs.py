@@ -10,7 +10,7 @@ hash. A rerun skips every run whose file, or the run store, holds the current ha
 resumes where it stopped, and a changed knob, input or code retrains exactly the runs it affects. Files no plan
 refers to are deleted at the end.
 
-Inputs are checked before any training starts (:func:`load_inputs`): a missing or mismatched feature file
+Inputs are checked before any training starts (``load_inputs``): a missing or mismatched feature file
 (other backbone, image size, view count, seeds or too few shots) or attribute file is an error naming the stage
 to rerun.
 """

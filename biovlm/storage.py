@@ -2,14 +2,14 @@
 complete, and one clear error instead of a crash.
 
 Every large file the pipeline writes (extracted ``.npy`` splits, feature files, run checkpoints) goes through
-:func:`atomic_write`. A full disk is found before writing when possible (``shutil.disk_usage``, and
+``atomic_write``. A full disk is found before writing when possible (``shutil.disk_usage``, and
 ``posix_fallocate`` where the exact size is known) and otherwise from the error the writer raises mid-write
 (``OSError`` ENOSPC, safetensors' ``SafetensorError``, torch's ``unexpected pos`` ``RuntimeError``). Either way the
-caller gets a :class:`DiskFullError` whose message names the bytes needed, the bytes free, the folder and the fix;
+caller gets a ``DiskFullError`` whose message names the bytes needed, the bytes free, the folder and the fix;
 the temporary file is gone and the file being replaced is untouched.
 
 Temporary files are named ``.<name>.<pid>.tmp`` beside their target, so a later run can tell the leftovers of a
-killed process (:func:`remove_stale_temporaries`) from the file a running process is writing.
+killed process (``remove_stale_temporaries``) from the file a running process is writing.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def free_bytes(folder: str | Path) -> int:
 
 
 def check_free(folder: str | Path, needed: int, what: str) -> None:
-    """Raise :class:`DiskFullError` when ``folder`` has fewer than ``needed`` bytes free."""
+    """Raise ``DiskFullError`` when ``folder`` has fewer than ``needed`` bytes free."""
     free = free_bytes(folder)
     if free < needed:
         raise DiskFullError(folder, needed, free, what)
@@ -106,10 +106,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], nbytes: int, w
                  preallocate: bool = False) -> None:
     """Write ``path`` by ``write(tmp)`` into a temporary file, renamed over ``path`` only once complete.
 
-    ``nbytes`` is the file's size (exact with ``preallocate``, else an estimate, see :func:`estimated_bytes`);
+    ``nbytes`` is the file's size (exact with ``preallocate``, else an estimate, see ``estimated_bytes``);
     fewer free bytes in the folder fail before anything is written. With ``preallocate`` the temporary file already
     holds ``nbytes`` of reserved space when ``write`` gets it (open it with ``"r+b"``: ``"wb"`` would drop the
-    reservation). A full disk found mid-write becomes a :class:`DiskFullError` as well. Whatever fails, the
+    reservation). A full disk found mid-write becomes a ``DiskFullError`` as well. Whatever fails, the
     temporary file is removed and ``path`` keeps its previous content.
     """
     path = Path(path)

@@ -119,7 +119,7 @@ class Method(nn.Module):
         return self._text_cache[key]
 
     def template_features(self, class_names: Sequence[str], info) -> torch.Tensor:
-        """[C, D] features of the hand template ("a <modality> of <class>.")."""
+        """[C, D] features of the hand template (``"a <modality> of <class>."``)."""
         from biovlm import prompts
 
         return self.encode_constant([prompts.template_text(info, n) for n in class_names])

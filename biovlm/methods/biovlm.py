@@ -1,13 +1,13 @@
 """BioVLM: a bank of M learned contexts with entropy routing, distilled from an attribute-ensemble teacher.
 
 Student. M contexts (``bank_size``) of ``n_ctx`` word-embedding vectors each; prompt (m, c) is
-"[start] ctx_m <class name> . [end]". All M x C prompts are encoded in one batched call, giving text features
+``"[start] ctx_m <class name> . [end]"``. All M x C prompts are encoded in one batched call, giving text features
 t[m, c]. For an image feature f, member m's logits are scale * f . t[m, :]; ``biovlm.routing`` keeps the
 ceil(select_ratio * M) members with the lowest entropy and averages their logits. The same routing runs at test
 time on any class list (base, novel, another dataset's), so a checkpoint is class-agnostic.
 
 Teacher. The filtered attributes give J zero-shot classifiers (classifier j = attribute j of every class, text
-"<modality> of <class>, which has <attribute>"), encoded once per class list. Per image, the lowest-entropy
+``"<modality> of <class>, which has <attribute>"``), encoded once per class list. Per image, the lowest-entropy
 fraction ``teacher_ratio`` of them is kept and averaged: one teacher on the plain view (J classifiers), one on the
 weak and strong views pooled (2J view-classifier pairs).
 

@@ -1,4 +1,4 @@
-"""Zero-shot CLIP with the hand template "a <modality> of <class>." (nothing is learned)."""
+"""Zero-shot CLIP with the hand template ``"a <modality> of <class>."`` (nothing is learned)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Zero-shot attribute ensemble: class c is the normalised mean of the normalised features of its attribute texts
-("<modality> of <class>, which has <attribute>"). Nothing is learned; any class list works given its attributes."""
+(``"<modality> of <class>, which has <attribute>"``). Nothing is learned; any class list works given its attributes."""
 
 from __future__ import annotations
 
