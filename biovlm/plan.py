@@ -5,7 +5,7 @@ classes; ``base2new`` trains on K shots of the base classes and is tested on bas
 The cross-dataset setting trains nothing new: it reloads the ``fewshot`` checkpoint with ``crossdata.shots`` of
 each source and tests it on every dataset.
 
-A run's hash (:func:`run_hash`) covers everything its result depends on: the method and train knobs (with the run's
+A run's hash (``run_hash``) covers everything its result depends on: the method and train knobs (with the run's
 own ``per_run`` values), ``filter.keep``, the prompt wording, the run itself, the bytes of the dataset's feature file
 and confidence table, and the source code of the training and evaluation path (``CODE_FILES``). Where and how a run
 is computed (``executor``) is not part of it: every executor gives the same result.

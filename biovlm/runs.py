@@ -2,7 +2,7 @@
 
 Planning (which runs, and the hash naming each result) is ``biovlm/plan.py``; the run store ``biovlm/store.py``;
 where pending runs are computed (this process, or Ray workers) ``biovlm/executors.py``. This module loads and
-checks the inputs, computes one run (:class:`Worker`) and puts the pieces together (:func:`run_methods`).
+checks the inputs, computes one run (``Worker``) and puts the pieces together (``run_methods``).
 
 Resuming. Each run's result (method checkpoint, training history, metric rows) is one file
 ``<out>/<setting>/<dataset>/k<K>_seed<S>.pt``, written atomically (temporary file + rename) and holding the run's
@@ -438,7 +438,7 @@ def reuse(path: Path | None, key: str, store: RunStore | None) -> tuple[dict | N
 
 def reuse_or_compute(path: Path | None, key: str, store: RunStore | None,
                      compute: Callable[[], dict]) -> tuple[dict, str]:
-    """:func:`reuse`, else ``compute()`` (source ``"computed"``), then kept in the store and ``path``."""
+    """``reuse``, else ``compute()`` (source ``"computed"``), then kept in the store and ``path``."""
     state, source = reuse(path, key, store)
     if state is not None:
         return state, source

@@ -10,11 +10,11 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 # shellcheck disable=SC2086
 "$venv/bin/python" -m pip install --quiet $TORCH_PAIR
-"$venv/bin/python" -m pip install --quiet -e '.[dev,mutation,docs]'
+"$venv/bin/python" -m pip install --quiet -e '.[dev,mutation,docs,ray]'
 {
   echo "# Every package the project installs, pinned (pip constraints: they pin what gets installed, add nothing)."
   echo "# Resolved by requirements/refresh.sh on $(date -u +%Y-%m-%d), Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())'), $(uname -m)."
-  echo "# Use: pip install -c requirements/constraints.txt -e '.[dev]'   (mutation testing: '.[dev,mutation]'; docs site: '.[dev,docs]')"
+  echo "# Use: pip install -c requirements/constraints.txt -e '.[dev,docs,ray]'   (mutation testing: '.[dev,docs,ray,mutation]')"
   "$venv/bin/python" -m pip freeze --exclude-editable
 } > requirements/constraints.txt
 rm -rf "$(dirname "$venv")"
