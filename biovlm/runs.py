@@ -6,9 +6,9 @@ The cross-dataset setting trains nothing new: it reloads the ``fewshot`` checkpo
 each source and tests it on every dataset with that dataset's class names (source == target is the in-domain
 diagonal).
 
-Resuming. Each run's result (method checkpoint, training history, metric rows) is one file
-``<out>/<setting>/<dataset>/k<K>_seed<S>.pt``, written atomically (temporary file + rename) and holding a hash of
-everything the run depends on: the method and train knobs, ``filter.keep``, the run itself, the bytes of the
+Resuming. Each run's result (method checkpoint, training history, metric rows, how its images became features) is
+one file ``<out>/<setting>/<dataset>/k<K>_seed<S>.pt``, written atomically (temporary file + rename) and holding a
+hash of everything the run depends on: the method and train knobs, ``filter.keep``, the run itself, the bytes of the
 dataset's feature file and confidence table, and the source code of the training and evaluation path. A rerun
 skips every run whose file holds the current hash, so an interrupted train stage resumes where it stopped, and a
 changed knob, input or code retrains exactly the runs it affects. Files no plan refers to are deleted at the end.
@@ -278,8 +278,8 @@ def _row(method: str, setting: str, source: str, target: str, run: Run, part: st
 
 def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetInputs, run: Run,
                        log: Callable[[dict, int], None] | None = None, memo: dict | None = None) -> dict:
-    """Train one run and evaluate it; returns {"checkpoint", "history", "rows"}. ``memo`` (a dict kept across
-    the runs of a static method) reuses evaluations that cannot differ between runs."""
+    """Train one run and evaluate it; returns {"checkpoint", "history", "rows", "features"}. ``memo`` (a dict kept
+    across the runs of a static method) reuses evaluations that cannot differ between runs."""
     from biovlm.methods import NotTransferable, build_method
     from biovlm.sampling import base_novel_split
     from biovlm.train import NonFiniteLossError, fit
@@ -321,7 +321,14 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
         if memo is not None:
             memo[key] = metrics
         rows.append(_row(method_name, run.setting, run.dataset, run.dataset, run, part, metrics))
-    return {"checkpoint": method.checkpoint(), "history": history, "rows": rows}
+    return {"checkpoint": method.checkpoint(), "history": history, "rows": rows, "features": image_record(data)}
+
+
+def image_record(data: DatasetInputs) -> dict:
+    """How the run's images became features (image size, transform, backbone and its weights), as its feature file
+    records it: ``biovlm.predict`` prepares new images the same way."""
+    meta = getattr(data.features, "meta", None) or {}
+    return {k: meta[k] for k in ("size", "transform", "backbone", "weights_sha256") if k in meta}
 
 
 def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source: str, run: Run,
