@@ -558,9 +558,9 @@ def describe_profile(cfg: Mapping) -> str:
     return f"profile {cfg['_profile']!r} overrides: {', '.join(touched)} (change them under profiles.{cfg['_profile']})"
 
 
-def stage_main(name: str, main, argv: list[str] | None = None) -> None:
+def stage_main(name: str, main, argv: list[str] | None = None, exit_code: int = 1) -> None:
     """Run a stage's ``main``; a user error (bad value, missing or mismatched file, failed download) exits with
-    its message instead of a traceback. ``BIOVLM_DEBUG=1`` shows the traceback."""
+    its message and ``exit_code`` instead of a traceback. ``BIOVLM_DEBUG=1`` shows the traceback."""
     import sys
 
     try:
@@ -569,4 +569,4 @@ def stage_main(name: str, main, argv: list[str] | None = None) -> None:
         if os.environ.get("BIOVLM_DEBUG"):
             raise
         print(f"{name}: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(exit_code) from None

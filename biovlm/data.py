@@ -20,8 +20,8 @@ import mmap
 import os
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -124,7 +124,7 @@ class DatasetInfo:
     n_channels: int
     task: str
     modality: str
-    n_samples: Mapping[str, int] = field(hash=False)
+    n_samples: Mapping[str, int] = field(default_factory=dict, hash=False)  # images per split (empty: unknown)
     class_format: str = "{}"
     reference_names: tuple[str, ...] = ()
     class_names: str = "medmnist"
@@ -142,6 +142,38 @@ class DatasetInfo:
         if self.class_names == "reference":
             return self.reference_names
         return tuple(self.class_format.format(c) for c in self.classes)
+
+
+    def to_meta(self) -> dict:
+        """Everything that words this dataset's prompts, as JSON values (what a method checkpoint records)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "n_samples"}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping) -> DatasetInfo:
+        """The dataset ``to_meta`` recorded (split sizes from the registry for a benchmark dataset, else none)."""
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
+        registered = DATASETS.get(fields.get("name"))
+        return cls(**fields, n_samples=dict(registered.n_samples) if registered else {})
+
+
+def custom_dataset(classes: Sequence[str], like: DatasetInfo | None = None, name: str | None = None,
+                   modality: str | None = None) -> DatasetInfo:
+    """A dataset of your own class list, whose prompts name the classes exactly as given.
+
+    ``like``: the dataset whose prompt wording (modality, templates, channels) and name to keep, e.g. the ``info``
+    of a trained method, so that its prompts read as in training; ``name`` and ``modality`` override them. Without
+    ``like``: 3-channel images of ``modality`` (default "medical image") and this project's templates.
+    """
+    names = list(classes)
+    if any(not isinstance(n, str) or not n.strip() for n in names):
+        raise ValueError(f"class names must be non-empty strings, got {names}")
+    if len(names) < 2:
+        raise ValueError(f"a class list needs at least two classes (a classifier chooses between them), got {names}")
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"class names must be distinct; repeated: {dupes}")
+    base = like or DatasetInfo(name="custom", classes=(), n_channels=3, task="multi-class", modality="medical image")
+    return replace(base, name=name or base.name, modality=modality or base.modality, classes=tuple(names),
+                   n_samples={}, class_format="{}", reference_names=(), class_names="medmnist")
 
 
 @cache

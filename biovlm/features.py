@@ -211,6 +211,13 @@ def view_tuples(unit_images: torch.Tensor, indices: Sequence[int], view: int, se
             "strong": _augment_keyed(plain, augmenters["strong"], torch_keys["strong"])}
 
 
+def encode_batch(backbone, images: np.ndarray, normalize) -> torch.Tensor:
+    """[B, D] float16 CPU features of uint8 images ``[B,H,W]`` or ``[B,H,W,3]``, made as the test images' are:
+    [0, 1], bicubic resize to the tower's input size, ``normalize`` (``ViewTransform.normalizer``), image tower.
+    ``biovlm.predict`` classifies new images through this function too."""
+    return backbone.encode_images(normalize(backbone.resize(backbone.images_to_unit(images)))).cpu().half()
+
+
 def _encode(backbone, unit_images: torch.Tensor, batch_size: int, normalize) -> torch.Tensor:
     """Features of [0, 1] images in batches of exactly ``batch_size`` (the last one padded): a one-image batch
     takes other kernels than a full one, and an image's features must not depend on which others share the pool."""
@@ -262,8 +269,7 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
     test = torch.empty(len(test_images), backbone.embed_dim, dtype=torch.float16)
     for start, batch in tqdm(data.iter_batches(test_images, batch_size), desc=f"{dataset} test",
                              total=-(-len(test_images) // batch_size), leave=False):
-        test[start : start + len(batch)] = backbone.encode_images(
-            normalize(backbone.resize(backbone.images_to_unit(batch)))).cpu().half()
+        test[start : start + len(batch)] = encode_batch(backbone, batch, normalize)
 
     val_features = _encode(backbone, backbone.resize(backbone.images_to_unit(val_images[val])), batch_size,
                             normalize)

@@ -4,11 +4,11 @@ Planning (which runs, and the hash naming each result) is ``biovlm/plan.py``; th
 where pending runs are computed (this process, or Ray workers) ``biovlm/executors.py``. This module loads and
 checks the inputs, computes one run (``Worker``) and puts the pieces together (``run_methods``).
 
-Resuming. Each run's result (method checkpoint, training history, metric rows) is one file
-``<out>/<setting>/<dataset>/k<K>_seed<S>.pt``, written atomically (temporary file + rename) and holding the run's
-hash. A rerun skips every run whose file, or the run store, holds the current hash, so an interrupted train stage
-resumes where it stopped, and a changed knob, input or code retrains exactly the runs it affects. Files no plan
-refers to are deleted at the end.
+Resuming. Each run's result (method checkpoint, training history, metric rows, how its images became features) is
+one file ``<out>/<setting>/<dataset>/k<K>_seed<S>.pt``, written atomically (temporary file + rename) and holding the
+run's hash. A rerun skips every run whose file, or the run store, holds the current hash, so an interrupted train
+stage resumes where it stopped, and a changed knob, input or code retrains exactly the runs it affects. Files no
+plan refers to are deleted at the end.
 
 Inputs are checked before any training starts (``load_inputs``): a missing or mismatched feature file
 (other backbone, image size, view count, seeds or too few shots) or attribute file is an error naming the stage
@@ -238,8 +238,8 @@ def _row(method: str, setting: str, source: str, target: str, run: Run, part: st
 
 def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetInputs, run: Run,
                        log: Callable[[dict, int], None] | None = None, memo: dict | None = None) -> dict:
-    """Train one run and evaluate it; returns {"checkpoint", "history", "rows"}. ``memo`` (a dict kept across
-    the runs of a static method) reuses evaluations that cannot differ between runs."""
+    """Train one run and evaluate it; returns {"checkpoint", "history", "rows", "features"}. ``memo`` (a dict kept
+    across the runs of a static method) reuses evaluations that cannot differ between runs."""
     from biovlm.methods import NotTransferable, build_method
     from biovlm.sampling import base_novel_split
     from biovlm.train import NonFiniteLossError, fit
@@ -281,7 +281,14 @@ def train_and_evaluate(method_name: str, cfg: Mapping, backbone, data: DatasetIn
         if memo is not None:
             memo[key] = metrics
         rows.append(_row(method_name, run.setting, run.dataset, run.dataset, run, part, metrics))
-    return {"checkpoint": method.checkpoint(), "history": history, "rows": rows}
+    return {"checkpoint": method.checkpoint(), "history": history, "rows": rows, "features": image_record(data)}
+
+
+def image_record(data: DatasetInputs) -> dict:
+    """How the run's images became features (image size, transform, backbone and its weights), as its feature file
+    records it: ``biovlm.predict`` prepares new images the same way."""
+    meta = getattr(data.features, "meta", None) or {}
+    return {k: meta[k] for k in ("size", "transform", "backbone", "weights_sha256") if k in meta}
 
 
 def cross_evaluate(method_name: str, cfg: Mapping, backbone, saved: dict, source: str, run: Run,

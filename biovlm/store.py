@@ -5,7 +5,7 @@ experiment (``dvc exp run --queue``) runs in an empty copy of the workspace: a r
 is lost in both cases. The store is a folder outside every DVC output, shared by the workspace, its queued
 experiments, other branches and reruns after a crash:
 
-    <root>/<hash[:2]>/<hash>.pt      one run: {"hash", "run", "method", "checkpoint", "history", "rows"}
+    <root>/<hash[:2]>/<hash>.pt      one run: {"hash", "run", "method", "checkpoint", "history", "rows", "features"}
 
 ``hash`` is ``biovlm.runs.run_hash`` (method and training values, the run, the bytes of its inputs and the code), so a
 stored result is valid for exactly one computation and is never updated, only added: writes go through a temporary

@@ -3,6 +3,7 @@ constant texts, attribute classifiers, logits in float32, checkpoints, learned-c
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from biovlm import prompts
-from biovlm.data import get_dataset
+from biovlm.data import DatasetInfo, get_dataset
 from biovlm.methods import METHOD_NAMES, build_method, check_method_name
 from biovlm.methods.base import (
     CHECKPOINT_VERSION,
@@ -208,10 +209,11 @@ def test_the_interface_methods_must_be_implemented(tiny_backbone):
 def test_checkpoint_meta_and_its_errors(tiny_backbone):
     m = build_method("zeroshot_attr", tiny_backbone, {}, INFO, attributes=ATTRS, class_ids=[3, 0])
     state = m.checkpoint()
-    assert CHECKPOINT_VERSION == 1
-    assert state["meta"] == {"method": "zeroshot_attr", "version": 1, "knobs": {}, "backbone": "tiny",
+    assert CHECKPOINT_VERSION == 2
+    assert state["meta"] == {"method": "zeroshot_attr", "version": 2, "knobs": {}, "backbone": "tiny",
                              "dataset": "bloodmnist", "class_ids": [3, 0], "class_names": [NAMES[3], NAMES[0]],
-                             "attributes": [ATTRS[3], ATTRS[0]]}
+                             "attributes": [ATTRS[3], ATTRS[0]], "info": INFO.to_meta()}
+    assert DatasetInfo.from_meta(json.loads(json.dumps(state["meta"]["info"]))) == INFO  # JSON round trip
     coop = build_method("coop", tiny_backbone, {}, INFO)
     state = coop.checkpoint()
     assert set(state["tensors"]) == {"ctx"} and not state["tensors"]["ctx"].requires_grad

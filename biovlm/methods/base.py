@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the dataset's prompt wording (meta["info"]), enough to predict with on its own
 
 
 class NotTransferable(ValueError):
@@ -175,13 +175,26 @@ class Method(nn.Module):
         meta = {"method": self.name, "version": CHECKPOINT_VERSION, "knobs": dict(self.knobs),
                 "backbone": getattr(self.backbone, "name", None), "dataset": self.info.name,
                 "class_ids": list(self.class_ids), "class_names": list(self.class_names),
-                "attributes": self.attributes}
+                "attributes": self.attributes, "info": self.info.to_meta()}
         meta.update(self.extra_meta())
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         return {"meta": meta, "tensors": tensors}
 
     def extra_meta(self) -> dict:
         return {}
+
+    def load_extra_meta(self, meta: dict) -> None:
+        """Restore what ``extra_meta`` recorded (called by ``from_checkpoint``)."""
+
+    @classmethod
+    def from_checkpoint(cls, source, backbone) -> Method:
+        """The trained method ``source`` holds, rebuilt on ``backbone`` with its knobs, classes, attributes, prompt
+        wording and tensors, in eval mode. ``source``: a method checkpoint (what ``checkpoint()`` returns), a run
+        file of the train stage (``checkpoints/<dataset>/<method>/<setting>/<dataset>/k<K>_seed<S>.pt``) or its
+        loaded dict. Called on a subclass, the checkpoint must be of that method. See ``biovlm.checkpoints``."""
+        from biovlm.checkpoints import load_method
+
+        return load_method(source, backbone, None if cls is Method else cls)
 
     def load_checkpoint(self, state: dict) -> None:
         meta = state.get("meta", {})

@@ -112,6 +112,10 @@ class LinearProbe(Method):
     def extra_meta(self) -> dict:
         return {"C": self.chosen_c, "C_search": [[c, acc] for c, acc in self.search]}
 
+    def load_extra_meta(self, meta: dict) -> None:
+        self.chosen_c = meta.get("C")
+        self.search = [(c, acc) for c, acc in meta.get("C_search", [])]
+
     def text_head(self, class_names, info, attributes=None) -> torch.Tensor:
         if not bool(self.fitted):
             raise RuntimeError("linear probe has not been fitted: run biovlm.train.fit first")
