@@ -190,3 +190,21 @@ def test_more_ray_workers_than_the_machine_has_is_an_error(inputs):
     with pytest.raises(ValueError, match=rf"executor.workers = {n} do not fit the Ray cluster \(\d+ CPU\(s\), 1 per "
                                          r"worker\); lower executor.workers or executor.cpus_per_worker"):
         RayExecutor(config(), inputs, ExecutorSettings(kind="ray", workers=n), **QUIET)
+
+
+def test_ray_without_ray_installed_names_the_extra(inputs, monkeypatch):
+    import builtins
+
+    from biovlm.executors import RayExecutor
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(RuntimeError, match=r"^executor.kind is ray but Ray is not installed; pip install -e '.\[ray\]' "
+                                           r"\(or set executor.kind: local\)$"):
+        RayExecutor(config(), inputs, ExecutorSettings(kind="ray"), **QUIET)
