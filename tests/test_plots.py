@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import yaml  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
@@ -139,3 +143,36 @@ def test_every_figure_is_marked_synthetic_exactly_when_the_data_are(synthetic):
         assert len(marks) == int(synthetic), name
         assert (SYNTHETIC_NOTE in footer(fig)) == synthetic, name
         assert all(not mark.get_in_layout() for mark in marks)  # the watermark does not push the axes around
+
+
+# ---------------------------------------------------------------------------------------------- dvc plots
+def dvc_plot(path: str, points: list[dict]) -> dict:
+    """The Vega-Lite spec `dvc plots show` draws for the plot ``path`` of dvc.yaml, filled with ``points``."""
+    from dvc_render.vega import VegaRenderer
+
+    plots = {k: v for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"] for k, v in entry.items()}
+    points = [{**p, "rev": "workspace"} for p in points]
+    spec = VegaRenderer(points, path, template_dir=str(ROOT / ".dvc" / "plots"), **plots[path]).get_filled_template()
+    assert "<DVC_METRIC" not in json.dumps(spec)  # every anchor the template uses was filled
+    return spec
+
+
+def test_dvc_fewshot_curve_draws_the_std_as_error_bars():
+    spec = dvc_plot("metrics/plots/fewshot_curve.csv",
+                    [{"method": "coop", "shots": "1", "accuracy": "50.0", "std": "2.5"},
+                     {"method": "coop", "shots": "16", "accuracy": "70.0", "std": "1.0"}])
+    assert spec["data"]["values"][0]["std"] == "2.5" and spec["data"]["format"]["parse"]["std"] == "number"
+    layers = {layer["mark"]["type"]: layer for layer in spec["layer"]}
+    assert set(layers) == {"line", "errorbar"}
+    assert spec["encoding"]["y"]["field"] == "accuracy" and layers["errorbar"]["encoding"]["yError"] == {"field": "std"}
+
+
+def test_dvc_crossdata_heatmap_writes_values_in_cells_and_outlines_the_in_domain_cells():
+    spec = dvc_plot("metrics/plots/crossdata.csv",
+                    [{"method": "coop", "source": "pathmnist", "target": t, "accuracy": "60.0"}
+                     for t in ("pathmnist", "bloodmnist")])
+    layers = spec["spec"]["layer"]
+    assert [layer["mark"]["type"] for layer in layers] == ["rect", "text", "rect"]
+    assert layers[1]["encoding"]["text"]["field"] == "accuracy"
+    assert layers[2]["transform"] == [{"filter": "datum.target == datum.source"}]
+    assert spec["facet"]["row"]["field"] == "method" and spec["facet"]["column"]["field"] == "rev"
