@@ -120,6 +120,7 @@ class DatasetInfo:
     ``reference_names`` the paper's names in the same order; ``class_names`` says which of the two prompts use."""
 
     name: str
+    display_name: str  # as tables and figures print it: medmnist's class name of the dataset ("PathMNIST")
     classes: tuple[str, ...]
     n_channels: int
     task: str
@@ -197,6 +198,7 @@ def _build_registry() -> dict[str, DatasetInfo]:
         labels = entry["label"]
         registry[name] = DatasetInfo(
             name=name,
+            display_name=entry["python_class"],
             classes=tuple(labels[str(i)] for i in range(len(labels))),
             n_channels=int(entry["n_channels"]),
             task=entry["task"],
@@ -210,6 +212,11 @@ def _build_registry() -> dict[str, DatasetInfo]:
 
 
 DATASETS: dict[str, DatasetInfo] = _build_registry()
+
+
+def display_name(name: str) -> str:
+    """The name tables and figures print for dataset ``name`` (an unknown name prints as itself)."""
+    return DATASETS[name].display_name if name in DATASETS else name
 
 
 def get_dataset(name: str, class_names: str = "medmnist", attribute_template: str = "project",

@@ -7,6 +7,12 @@ so it has no novel-class accuracy and no cross-dataset transfer. Rows marked wit
 datasets in the base-to-novel setting: base and novel hold one class each, so every method scores 100% there
 (the published protocol, kept as is).
 
+Methods and datasets appear under their display names (``biovlm.methods.DISPLAY_NAMES``,
+``DatasetInfo.display_name``). A report made from synthetic twins (``write_report(synthetic=True)``) says so in
+its header, in every table's caption and in every figure. The LaTeX tables need ``booktabs`` and ``graphicx``:
+each is shrunk to the line width when wider (never enlarged), and one wider than a two-column layout's column
+(``COLUMN_PT``, from its estimated natural width, ``latex_width_pt``) is a page-wide ``table*``.
+
 Pure: reads a results DataFrame (``biovlm.evaluate.RESULT_COLUMNS``), writes files. The figures are drawn by
 ``biovlm.plots``.
 """
@@ -16,13 +22,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
 
 from biovlm.evaluate import harmonic_mean, ordered
+from biovlm.plots import (
+    NA,
+    SYNTHETIC_MARK,
+    SYNTHETIC_NOTE,
+    display_name,
+    not_applicable_note,
+    plot_base2new,
+    plot_crossdata,
+    plot_fewshot,
+)
 
-NA = "n/a"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "auc": "one-vs-rest AUC", "ece": "ECE (15 bins)"}
 TRIVIAL_MARK = "†"
 PROTOCOL_NOTES = (
@@ -46,8 +62,19 @@ class Table:
     higher_is_better: bool = True
     notes: list[str] = field(default_factory=list)
     marked_rows: list[str] = field(default_factory=list)
+    italic_cells: list[tuple[str, str]] = field(default_factory=list)  # (row, column): the in-domain cells
     row_title: str = "Dataset"
     bold: bool = True
+    synthetic: bool = False  # made from synthetic twins: the caption and a note say so
+    rotate_headers: bool = False  # LaTeX: column titles turned upright (the dataset x dataset matrices)
+
+    @property
+    def title(self) -> str:
+        return f"{SYNTHETIC_MARK}: {self.caption}" if self.synthetic else self.caption
+
+    @property
+    def all_notes(self) -> list[str]:
+        return self.notes + ([SYNTHETIC_NOTE] if self.synthetic else [])
 
 
 def pivot_table(values: pd.DataFrame, rows: Sequence[str], methods: Sequence[str], name: str, caption: str,
@@ -66,14 +93,24 @@ def pivot_table(values: pd.DataFrame, rows: Sequence[str], methods: Sequence[str
     return Table(name, caption, mean, std, higher_is_better)
 
 
-def _fmt(mean: float, std: float | None, bold: bool, latex: bool = False) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "--" if latex else NA
-    pm = r" $\pm$ " if latex else " ± "
-    text = f"{mean:.1f}" if std is None else f"{mean:.1f}{pm}{0.0 if math.isnan(std) else std:.1f}"
-    if bold:
-        return rf"\textbf{{{text}}}" if latex else f"**{text}**"
-    return text
+def _nan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(mean: float, std: float | None, bold: bool, italic: bool = False) -> str:
+    """A Markdown cell: ``mean ± std`` (a NaN std as 0.0, no std: the mean alone), ``n/a`` for no mean."""
+    if _nan(mean):
+        return NA
+    text = f"{mean:.1f}" if std is None else f"{mean:.1f} ± {0.0 if _nan(std) else std:.1f}"
+    return f"**{text}**" if bold else f"*{text}*" if italic else text
+
+
+def _tex_cell(mean: float, std: float | None, bold: bool, italic: bool = False) -> str:
+    r"""A LaTeX cell: the mean, then the std as a subscript (narrower than ``mean $\pm$ std``)."""
+    if _nan(mean):
+        return NA
+    text = rf"\textbf{{{mean:.1f}}}" if bold else rf"\textit{{{mean:.1f}}}" if italic else f"{mean:.1f}"
+    return text if std is None else text + rf"$_{{\pm {0.0 if _nan(std) else std:.1f}}}$"
 
 
 def _std(table: Table, label: str, method: str) -> float | None:
@@ -86,45 +123,126 @@ def _best(row: pd.Series, higher: bool) -> set:
     return set(row.index[row == target])
 
 
-def to_markdown(table: Table) -> str:
-    methods = list(table.mean.columns)
-    lines = [f"**{table.caption}**", "", f"| {table.row_title} | " + " | ".join(methods) + " |",
-             "|---|" + "---:|" * len(methods)]
+def _rows(table: Table):
+    """(row label, [(mean, std, bold, italic) per column]) for every row of the table."""
     for label in table.mean.index:
         best = _best(table.mean.loc[label], table.higher_is_better) if table.bold else set()
-        cells = [_fmt(table.mean.at[label, m], _std(table, label, m), m in best) for m in methods]
-        shown = f"**{label}**" if label == "Average" else label
+        yield label, [(table.mean.at[label, c], _std(table, label, c), c in best, (label, c) in table.italic_cells)
+                      for c in table.mean.columns]
+
+
+def to_markdown(table: Table) -> str:
+    columns = [display_name(c) for c in table.mean.columns]
+    lines = [f"**{table.title}**", "", f"| {table.row_title} | " + " | ".join(columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for label, cells in _rows(table):
+        shown = "**Average**" if label == "Average" else display_name(label)
         if label in table.marked_rows:
             shown += f" {TRIVIAL_MARK}"
-        lines.append(f"| {shown} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"{note}  " for note in table.notes]
+        lines.append(f"| {shown} | " + " | ".join(_fmt(*cell) for cell in cells) + " |")
+    lines += [""] + [f"{note}  " for note in table.all_notes]
     return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- LaTeX
+SMALL_PT = 9.0  # \small in a 10 pt document: the tables' text
+SCRIPT_PT = 6.0  # a subscript of \small text: the std
+TABCOLSEP_PT = 6.0  # LaTeX's default space on each side of a column
+COLUMN_PT = 240.0  # a column of a two-column layout (IEEE 252 pt, CVPR 237 pt); wider tables span the page
+BOLD_WIDTH = 1.15  # \textbf (cmbx) is about 15% wider than cmr
+
+
+@cache
+def _cm_font():
+    import matplotlib
+    from matplotlib import ft2font
+
+    font = ft2font.FT2Font(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "cmr10.ttf"))
+    font.set_size(1, 72)  # advances in points per point of font size
+    return font
+
+
+def text_width_pt(text: str, size: float = SMALL_PT, bold: bool = False) -> float:
+    """Estimated width of ``text`` typeset in Computer Modern at ``size`` pt: the glyph advances of matplotlib's
+    cmr10 (TeX's own font metrics: digits 0.5 em, "." 0.278 em), a space as TeX's interword space (1/3 em), "±"
+    as 0.778 em (cmsy) and "†" as 0.444 em."""
+    from matplotlib import ft2font
+
+    font, em = _cm_font(), 0.0
+    for char in text:
+        if char in " ±†":
+            em += {" ": 1 / 3, "±": 0.778, "†": 0.444}[char]
+        else:
+            em += font.load_char(ord(char), flags=ft2font.LoadFlags.NO_HINTING).linearHoriAdvance / 65536
+    return em * size * (BOLD_WIDTH if bold else 1.0)
+
+
+def _header_lines(name: str) -> list[str]:
+    """A column title in at most two lines: split at the space nearest its middle ("Linear" / "probe")."""
+    spaces = [i for i, char in enumerate(name) if char == " "]
+    if not spaces:
+        return [name]
+    cut = min(spaces, key=lambda i: abs(i - len(name) / 2))
+    return [name[:cut], name[cut + 1:]]
+
+
+def _cell_width(mean: float, std: float | None, bold: bool, italic: bool = False) -> float:
+    if _nan(mean):
+        return text_width_pt(NA)
+    width = text_width_pt(f"{mean:.1f}", bold=bold)
+    return width if std is None else width + text_width_pt(f"±{0.0 if _nan(std) else std:.1f}", SCRIPT_PT)
+
+
+def latex_width_pt(table: Table) -> float:
+    """Estimated natural width of the table's tabular (before any shrinking), in points: the widest entry of each
+    column (title or cell) plus the column separation."""
+    rows = list(_rows(table))
+    first = [text_width_pt(table.row_title)] + [
+        text_width_pt(display_name(label), bold=False) + text_width_pt("†", SCRIPT_PT) * (label in table.marked_rows)
+        for label, _ in rows]
+    widths = [max(first)]
+    for j, column in enumerate(table.mean.columns):
+        title = SMALL_PT if table.rotate_headers else max(map(text_width_pt, _header_lines(display_name(column))))
+        widths.append(max([title] + [_cell_width(*cells[j]) for _, cells in rows]))
+    return sum(widths) + 2 * TABCOLSEP_PT * len(widths)
 
 
 def _tex_escape(text: str) -> str:
     return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
 
 
+def _tex_header(name: str, rotate: bool) -> str:
+    if rotate:
+        return rf"\rotatebox{{90}}{{{_tex_escape(name)}}}"
+    lines = [_tex_escape(line) for line in _header_lines(name)]
+    return lines[0] if len(lines) == 1 else r"\begin{tabular}[b]{@{}c@{}}" + r"\\".join(lines) + r"\end{tabular}"
+
+
 def to_latex(table: Table) -> str:
-    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
-    methods = list(table.mean.columns)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             rf"\caption{{{_tex_escape(table.caption)}}}", rf"\label{{tab:{table.name}}}",
-             r"\begin{tabular}{l" + "c" * len(methods) + "}", r"\toprule",
-             _tex_escape(table.row_title) + " & " + " & ".join(_tex_escape(m) for m in methods) + r" \\",
+    """A booktabs ``table`` (``table*`` when wider than ``COLUMN_PT``), shrunk to the line width when wider than
+    it (needs ``\\usepackage{booktabs,graphicx}``)."""
+    width = latex_width_pt(table)
+    env = "table" if width <= COLUMN_PT else "table*"
+    titles = [_tex_header(display_name(c), table.rotate_headers) for c in table.mean.columns]
+    lines = [f"% {table.name}: natural width about {width:.0f} pt (estimated, Computer Modern at \\small); "
+             + ("fits a column" if env == "table" else "spans the page (table*)")
+             + "; shrunk to \\linewidth if wider",
+             rf"\begin{{{env}}}[t]", r"\centering", r"\small",
+             rf"\caption{{{_tex_escape(table.title)}}}", rf"\label{{tab:{table.name}}}",
+             r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+             r"\begin{tabular}{l" + "c" * len(titles) + "}", r"\toprule",
+             _tex_escape(table.row_title) + " & " + " & ".join(titles) + r" \\",
              r"\midrule"]
-    for label in table.mean.index:
+    for label, cells in _rows(table):
         if label == "Average":
             lines.append(r"\midrule")
-        best = _best(table.mean.loc[label], table.higher_is_better) if table.bold else set()
-        cells = [_fmt(table.mean.at[label, m], _std(table, label, m), m in best, latex=True) for m in methods]
-        shown = _tex_escape(label) + (r"$^\dagger$" if label in table.marked_rows else "")
-        lines.append(shown + " & " + " & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    if table.notes:
-        notes = " ".join(_tex_escape(n).replace(TRIVIAL_MARK, r"$^\dagger$") for n in table.notes)
+        shown = _tex_escape(display_name(label)) + (r"$^\dagger$" if label in table.marked_rows else "")
+        lines.append(shown + " & " + " & ".join(_tex_cell(*cell) for cell in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}"]
+    if table.all_notes:
+        notes = " ".join(_tex_escape(n).replace(TRIVIAL_MARK, r"$^\dagger$") for n in table.all_notes)
         lines.append(rf"\par\footnotesize {notes}")
-    lines.append(r"\end{table}")
+    lines.append(rf"\end{{{env}}}")
     return "\n".join(lines) + "\n"
 
 
@@ -178,9 +296,16 @@ def base2new_tables(df: pd.DataFrame, methods: Sequence[str], datasets: Sequence
         if table.marked_rows:
             table.notes.append(f"{TRIVIAL_MARK} two classes: base and novel hold one class each, so accuracy is "
                                "trivially 100%.")
-        if part != "base" and table.mean.drop(index="Average").isna().all().any():
-            table.notes.append(f"{NA}: the method cannot classify classes it was not trained on.")
         tables.append(table)
+    # n/a: a method with base but no novel numbers cannot classify unseen classes; one without any did not run
+    has_base, has_novel = (t.mean.drop(index="Average").notna().any() for t in tables[:2])
+    cannot = [m for m in methods if has_base[m] and not has_novel[m]]
+    unrun = [m for m in methods if not has_base[m]]
+    for table in tables:
+        if cannot and table is not tables[0]:
+            table.notes.append(not_applicable_note(cannot, "classes it was not trained on"))
+        if unrun:
+            table.notes.append(f"{NA}: no base-to-novel results for {', '.join(map(display_name, unrun))}.")
     return tables
 
 
@@ -199,7 +324,7 @@ def crossdata_tables(df: pd.DataFrame, methods: Sequence[str], datasets: Sequenc
                           f"the other datasets")
     absent = [m for m in methods if m not in set(rows.method)]
     if absent:
-        summary.notes.append(f"{NA}: {', '.join(absent)} cannot classify another dataset's classes.")
+        summary.notes.append(not_applicable_note(absent, "another dataset's classes"))
     tables = [summary]
     for method in ordered(rows.method, methods):
         mine = rows[rows.method == method]
@@ -207,19 +332,21 @@ def crossdata_tables(df: pd.DataFrame, methods: Sequence[str], datasets: Sequenc
         values = pd.DataFrame({"row": mine.source, "method": mine.target, "seed": mine.seed,
                                "value": mine.accuracy})
         table = pivot_table(values, ordered(mine.source, datasets), targets, f"crossdata_matrix_{method}",
-                            f"Cross-dataset accuracy (%) of {method}: rows are sources, columns targets "
-                            f"(diagonal: in-domain)")
+                            f"Cross-dataset accuracy (%) of {display_name(method)}: rows are sources, columns "
+                            f"targets (in italics: in-domain, the source's own test set)")
         table.mean = table.mean.drop(index="Average")
         table.std = table.std.drop(index="Average")
-        table.row_title, table.bold = "Source / target", False
+        table.row_title, table.bold, table.rotate_headers = "Source / target", False, True
+        table.italic_cells = [(d, d) for d in table.mean.index if d in table.mean.columns]
         tables.append(table)
     return tables
 
 
 # ---------------------------------------------------------------------------------------------- the report
 def write_report(df: pd.DataFrame, out: str | Path, methods: Sequence[str] | None = None,
-                 datasets: Sequence[str] | None = None, header: str = "") -> list[Path]:
-    """Write ``report.md`` (every table, figures inline), ``tables.tex`` and ``figures/*.png`` under ``out``."""
+                 datasets: Sequence[str] | None = None, header: str = "", synthetic: bool = False) -> list[Path]:
+    """Write ``report.md`` (every table, figures inline), ``tables.tex`` and ``figures/*.png`` under ``out``;
+    ``synthetic``: the results come from synthetic twins, and every table and figure says so."""
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     methods = ordered(df.method, methods)
@@ -227,16 +354,18 @@ def write_report(df: pd.DataFrame, out: str | Path, methods: Sequence[str] | Non
     sections = [("Few-shot", fewshot_tables(df, methods, datasets)),
                 ("Base-to-novel", base2new_tables(df, methods, datasets)),
                 ("Cross-dataset", crossdata_tables(df, methods, datasets))]
-    from biovlm.plots import plot_base2new, plot_crossdata, plot_fewshot
-
-    figures = {"Few-shot": plot_fewshot(df, methods, datasets, out / "figures"),
-               "Base-to-novel": plot_base2new(df, methods, out / "figures"),
-               "Cross-dataset": plot_crossdata(df, methods, datasets, out / "figures")}
+    figures = {"Few-shot": plot_fewshot(df, methods, datasets, out / "figures", synthetic),
+               "Base-to-novel": plot_base2new(df, methods, out / "figures", synthetic),
+               "Cross-dataset": plot_crossdata(df, methods, datasets, out / "figures", synthetic)}
     md = ["# biovlm benchmark report", ""]
+    if synthetic:
+        md += [f"> **{SYNTHETIC_NOTE}**", ""]
     if header:
         md += [header, ""]
     md += ["Cells are mean ± std over seeds, in percent; the best mean of each row is bold.", "", PROTOCOL_NOTES, ""]
-    tex = ["% biovlm benchmark tables (generated by `dvc repro report`); needs \\usepackage{booktabs}", ""]
+    tex = ["% biovlm benchmark tables (generated by `dvc repro report`); needs \\usepackage{booktabs,graphicx}", ""]
+    if synthetic:
+        tex[0] += f"\n% {SYNTHETIC_NOTE}"
     for title, tables in sections:
         if not tables:
             continue
@@ -244,6 +373,7 @@ def write_report(df: pd.DataFrame, out: str | Path, methods: Sequence[str] | Non
         for fig in figures[title]:
             md += [f"![{fig.stem}](figures/{fig.name})", ""]
         for table in tables:
+            table.synthetic = synthetic
             md += [to_markdown(table), ""]
             tex += [to_latex(table), ""]
     paths = [out / "report.md", out / "tables.tex"]

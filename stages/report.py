@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     env_file = Path(args.results) / cfg["datasets"][0] / "environment.json"  # the train stages write one each
     if env_file.exists():
         header += "\n\nEnvironment: " + environment.summary_line(json.loads(env_file.read_text())) + "."
-    paths = write_report(df, args.out, cfg["methods"], cfg["datasets"], header=header)
+    paths = write_report(df, args.out, cfg["methods"], cfg["datasets"], header=header,
+                         synthetic=cfg["data"]["synthetic"])
     print("report: " + ", ".join(str(p) for p in paths))
 
 

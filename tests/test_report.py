@@ -8,15 +8,19 @@ import pytest
 
 from biovlm.data import DATASETS
 from biovlm.evaluate import RESULT_COLUMNS
-from biovlm.plots import plot_base2new, plot_crossdata, plot_fewshot
+from biovlm.methods import METHOD_NAMES
+from biovlm.plots import SYNTHETIC_NOTE, plot_base2new, plot_crossdata, plot_fewshot
 from biovlm.report import (
+    COLUMN_PT,
     Table,
     _tex_escape,
     base2new_tables,
     crossdata_tables,
     fewshot_tables,
+    latex_width_pt,
     ordered,
     pivot_table,
+    text_width_pt,
     to_latex,
     to_markdown,
     write_report,
@@ -67,7 +71,7 @@ def test_pivot_table_mean_std_and_average_row():
     assert "| a | **85.0 ± 5.0** | 10.0 ± 0.0 |" in md and "| b | **50.0 ± 10.0** | n/a |" in md
     assert "| **Average** | **67.5 ± 2.5** | n/a |" in md
     tex = to_latex(t)
-    assert r"\textbf{85.0 $\pm$ 5.0}" in tex and r"\toprule" in tex and "--" in tex
+    assert r"\textbf{85.0}$_{\pm 5.0}$" in tex and r"\toprule" in tex and "& n/a \\" in tex
 
 
 def test_lower_is_better_for_ece():
@@ -90,8 +94,8 @@ def test_base2new_tables_flag_trivial_and_not_applicable():
         a, b = base.mean.at[row, "coop"], novel.mean.at[row, "coop"]
         assert hm.mean.at[row, "coop"] == pytest.approx(2 * a * b / (a + b))
     assert f"| {2 * a * b / (a + b):.1f} |" in md.split("**Average**")[1].split("\n")[0] + " |"
-    assert "| breastmnist † |" in md and "n/a: the method cannot classify classes it was not trained on." in md
-    assert r"breastmnist$^\dagger$" in to_latex(hm)
+    assert "| BreastMNIST † |" in md and "n/a: Linear probe cannot classify classes it was not trained on." in md
+    assert r"BreastMNIST$^\dagger$" in to_latex(hm)
 
 
 def test_write_report_files(tmp_path):
@@ -102,12 +106,17 @@ def test_write_report_files(tmp_path):
     assert "Configuration: test" in md and "HM(mean base, mean novel)" in md and "docs/protocol.md" in md
     for caption in ("Few-shot accuracy (%), K = 16", "Base-to-novel accuracy (%), harmonic mean",
                     "Cross-dataset accuracy (%): trained on the row's dataset",
-                    "Cross-dataset accuracy (%) of coop: rows are sources"):
+                    "Cross-dataset accuracy (%) of CoOp: rows are sources"):
         assert caption in md
-    assert "| Dataset | zeroshot | coop | linear_probe |" in md
-    assert "n/a: linear_probe cannot classify another dataset's classes." in md
-    assert tex.count(r"\begin{table}") == tex.count(r"\end{table}") == 5 + 3 + 1 + 2
-    assert r"linear\_probe" in tex and "linear_probe" not in tex.replace(r"linear\_probe", "")
+    assert "| Dataset | Zero-shot | CoOp | Linear probe |" in md and "| PathMNIST | " in md
+    assert "n/a: Linear probe cannot classify another dataset's classes." in md
+    assert "SYNTHETIC" not in md + tex and "Synthetic data" not in md + tex
+    tables = tex.count(r"\begin{table}") + tex.count(r"\begin{table*}")
+    assert tables == tex.count(r"\end{table}") + tex.count(r"\end{table*}") == 5 + 3 + 1 + 2
+    # display names, never raw ids, in what LaTeX prints (the comments and labels keep the ids)
+    printed = "\n".join(line for line in tex.splitlines() if not line.startswith(("%", r"\label")))
+    assert r"\begin{tabular}[b]{@{}c@{}}Linear\\probe\end{tabular}" in printed and "PathMNIST" in printed
+    assert "linear" not in printed and "coop" not in printed and "pathmnist" not in printed
     figures = sorted(p.name for p in paths if p.suffix == ".png")
     assert figures == ["base2new.png", "crossdata_heatmap.png", "fewshot_average.png", "fewshot_per_dataset.png"]
     for name in figures:
@@ -168,24 +177,90 @@ def test_markdown_golden_text_bolds_the_best_rounded_mean():
 
 
 def test_latex_golden_text():
+    """The std as a subscript, n/a for a missing mean, the table shrunk to the line width only when wider."""
     assert to_latex(small_table()) == (
+        "% t_x: natural width about 170 pt (estimated, Computer Modern at \\small); fits a column; shrunk to "
+        "\\linewidth if wider\n"
         "\\begin{table}[t]\n"
         "\\centering\n"
         "\\small\n"
         "\\caption{Acc (\\%) of m\\_1 \\& m2}\n"
         "\\label{tab:t_x}\n"
+        "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%\n"
         "\\begin{tabular}{lccc}\n"
         "\\toprule\n"
         "Dataset & m\\_1 & m2 & m3 \\\\\n"
         "\\midrule\n"
-        "a & \\textbf{85.0 $\\pm$ 5.0} & \\textbf{85.0 $\\pm$ 0.0} & 10.0 $\\pm$ 0.0 \\\\\n"
-        "b$^\\dagger$ & 50.0 $\\pm$ 10.0 & \\textbf{70.0 $\\pm$ 0.0} & -- \\\\\n"
+        "a & \\textbf{85.0}$_{\\pm 5.0}$ & \\textbf{85.0}$_{\\pm 0.0}$ & 10.0$_{\\pm 0.0}$ \\\\\n"
+        "b$^\\dagger$ & 50.0$_{\\pm 10.0}$ & \\textbf{70.0}$_{\\pm 0.0}$ & n/a \\\\\n"
         "\\midrule\n"
-        "Average & 67.5 $\\pm$ 2.5 & \\textbf{77.5 $\\pm$ 0.0} & -- \\\\\n"
+        "Average & 67.5$_{\\pm 2.5}$ & \\textbf{77.5}$_{\\pm 0.0}$ & n/a \\\\\n"
         "\\bottomrule\n"
-        "\\end{tabular}\n"
+        "\\end{tabular}}\n"
         "\\par\\footnotesize note one note $^\\dagger$ two\n"
         "\\end{table}\n")
+
+
+def test_latex_width_estimate_from_computer_modern_metrics():
+    r"""TeX's cmr10 metrics at \small (9 pt): digits 0.5 em, "." 0.278 em; the std a 6 pt subscript.
+    small_table: first column "Average" (A .75 v .528 e .444 r .392 a .5 g .5 e .444 = 3.558 em) = 32.0 pt;
+    m_1 widest cell 50.0 + ±10.0 = 16.0 + (0.778 + 3 x 0.5 + 0.278) x 6 = 31.3 pt; m2 bold 85.0 (x 1.15) + ±0.0 =
+    18.4 + 12.3 = 30.7 pt; m3 10.0 + ±0.0 = 28.3 pt; plus 6 pt on each side of the four columns: 170.4 pt."""
+    assert text_width_pt("85.0") == pytest.approx(16.0, abs=0.01)
+    assert text_width_pt("±5.0", 6.0) == pytest.approx(12.33, abs=0.01)
+    assert text_width_pt("Average") == pytest.approx(32.0, abs=0.05)
+    assert latex_width_pt(small_table()) == pytest.approx(170.4, abs=0.2)
+
+
+def paper_size_table() -> Table:
+    """Every method on every dataset (the paper's widest results table), two seeds."""
+    rng = np.random.default_rng(0)
+    values = pd.DataFrame([(d, m, s, rng.uniform(10, 99)) for d in DATASETS for m in METHOD_NAMES for s in (1, 2)],
+                          columns=["row", "method", "seed", "value"])
+    return pivot_table(values, list(DATASETS), METHOD_NAMES, "wide", "Accuracy (%)")
+
+
+def test_latex_tables_fit_a_column_or_the_page_and_are_shrunk_only_when_wider():
+    shrink = r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%"
+    narrow, wide = small_table(), paper_size_table()
+    assert latex_width_pt(narrow) <= COLUMN_PT < latex_width_pt(wide)
+    assert to_latex(narrow).splitlines()[1:2] == [r"\begin{table}[t]"] and shrink in to_latex(narrow)
+    tex = to_latex(wide)
+    assert tex.splitlines()[1] == r"\begin{table*}[t]" and tex.endswith("\\end{tabular}}\n\\end{table*}\n")
+    assert tex.count(shrink) == 1 and "spans the page (table*)" in tex.splitlines()[0]
+    # nine methods x 11 datasets: close to a two-column page's 505 pt, so barely shrunk there
+    assert 450 < latex_width_pt(wide) < 580
+    # stacked titles of names with a space: the widest column title is CLIP-Adapter, not "Zero-shot + attributes"
+    assert r"\begin{tabular}[b]{@{}c@{}}Zero-shot +\\attributes\end{tabular}" in tex
+
+
+def test_synthetic_report_marks_every_table(tmp_path):
+    write_report(results(), tmp_path, METHODS, DATASETS3, synthetic=True)
+    md, tex = (tmp_path / "report.md").read_text(), (tmp_path / "tables.tex").read_text()
+    assert md.startswith(f"# biovlm benchmark report\n\n> **{SYNTHETIC_NOTE}**\n\n")
+    captions = [line for line in md.splitlines() if line.startswith("**") and line.endswith("**")]
+    assert len(captions) == 11 and all(c.startswith("**SYNTHETIC DATA: ") for c in captions)
+    assert md.count(SYNTHETIC_NOTE) == 1 + 11
+    assert tex.count(r"\caption{SYNTHETIC DATA: ") == tex.count(r"\caption{") == 11
+    assert tex.count(SYNTHETIC_NOTE) == 1 + 11  # the file's header comment and each table's note
+    plain = tmp_path / "plain"
+    write_report(results(), plain, METHODS, DATASETS3)
+    for name in ("fewshot_average.png", "base2new.png", "crossdata_heatmap.png"):  # the figures are marked too
+        assert (tmp_path / "figures" / name).read_bytes() != (plain / "figures" / name).read_bytes()
+
+
+def test_latex_file_has_balanced_braces_and_environments(tmp_path):
+    write_report(results(), tmp_path, METHODS, DATASETS3, synthetic=True)
+    tex = (tmp_path / "tables.tex").read_text()
+    body = "\n".join(line for line in tex.splitlines() if not line.startswith("%")).replace(r"\%", "")
+    depth = 0
+    for char in body:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        assert depth >= 0
+    assert depth == 0
+    for env in ("table", "table*", "tabular"):
+        assert body.count(rf"\begin{{{env}}}") == body.count(rf"\end{{{env}}}")
+    assert body.count(r"\begin{table}") + body.count(r"\begin{table*}") == body.count(r"\begin{tabular}{l") == 11
 
 
 def test_latex_without_notes_and_escaping():
@@ -193,7 +268,7 @@ def test_latex_without_notes_and_escaping():
     table.notes, table.marked_rows, table.row_title = [], [], "Source / target"
     tex = to_latex(table)
     assert "\\footnotesize" not in tex and "$^\\dagger$" not in tex
-    assert tex.endswith("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+    assert tex.endswith("\\bottomrule\n\\end{tabular}}\n\\end{table}\n")
     assert "\nSource / target & m\\_1 & m2 & m3 \\\\\n" in tex
     assert _tex_escape("a\\b_c%d&e") == "a\\textbackslash{}b\\_c\\%d\\&e"
 
@@ -205,7 +280,7 @@ def test_lower_is_better_bolds_the_minimum_and_unbolded_tables():
     assert lines[4:7] == ["| a | 85.0 ± 5.0 | 85.0 ± 0.0 | **10.0 ± 0.0** |",
                           "| b † | **50.0 ± 10.0** | 70.0 ± 0.0 | n/a |",
                           "| **Average** | **67.5 ± 2.5** | 77.5 ± 0.0 | n/a |"]
-    assert "Average & \\textbf{67.5 $\\pm$ 2.5} & 77.5 $\\pm$ 0.0 & -- \\\\\n" in to_latex(table)
+    assert "Average & \\textbf{67.5}$_{\\pm 2.5}$ & 77.5$_{\\pm 0.0}$ & n/a \\\\\n" in to_latex(table)
     table.bold = False
     assert "**" not in "".join(to_markdown(table).splitlines()[2:]).replace("**Average**", "")
     assert "\\textbf" not in to_latex(table)
@@ -245,7 +320,7 @@ def test_base2new_tables_hand_computed_cells():
     assert to_markdown(base) == (
         "**Base-to-novel accuracy (%), base classes, 16 shots per base class**\n"
         "\n"
-        "| Dataset | coop | linear_probe |\n"
+        "| Dataset | CoOp | Linear probe |\n"
         "|---|---:|---:|\n"
         "| d1 | 70.0 ± 10.0 | **90.0 ± 0.0** |\n"
         "| d2 † | **90.0 ± 0.0** | 75.0 ± 5.0 |\n"
@@ -255,26 +330,26 @@ def test_base2new_tables_hand_computed_cells():
     assert to_markdown(novel) == (
         "**Base-to-novel accuracy (%), novel classes, 16 shots per base class**\n"
         "\n"
-        "| Dataset | coop | linear_probe |\n"
+        "| Dataset | CoOp | Linear probe |\n"
         "|---|---:|---:|\n"
         "| d1 | **50.0 ± 10.0** | n/a |\n"
         "| d2 † | **40.0 ± 10.0** | n/a |\n"
         "| **Average** | **45.0 ± 10.0** | n/a |\n"
         "\n"
         "† two classes: base and novel hold one class each, so accuracy is trivially 100%.  \n"
-        "n/a: the method cannot classify classes it was not trained on.\n")
+        "n/a: Linear probe cannot classify classes it was not trained on.\n")
     assert to_markdown(hm) == (
         "**Base-to-novel accuracy (%), harmonic mean, 16 shots per base class (HM of the mean base and novel "
         "accuracies)**\n"
         "\n"
-        "| Dataset | coop | linear_probe |\n"
+        "| Dataset | CoOp | Linear probe |\n"
         "|---|---:|---:|\n"
         "| d1 | **58.3** | n/a |\n"
         "| d2 † | **55.4** | n/a |\n"
         "| **Average** | **57.6** | n/a |\n"
         "\n"
         "† two classes: base and novel hold one class each, so accuracy is trivially 100%.  \n"
-        "n/a: the method cannot classify classes it was not trained on.\n")
+        "n/a: Linear probe cannot classify classes it was not trained on.\n")
     assert hm.mean.at["Average", "coop"] == pytest.approx(57.6)
     assert hm.std is None and hm.marked_rows == ["d2"]
 
@@ -286,8 +361,8 @@ def test_base2new_without_trivial_rows_or_missing_novel():
     assert base.notes == novel.notes == hm.notes == [] and hm.marked_rows == []
     # a method without base-to-novel runs: n/a everywhere, but the base table never blames unseen classes
     base, novel, hm = base2new_tables(df, ["coop", "zeroshot"], ["d1", "d2"])
-    assert base.mean["zeroshot"].isna().all() and base.notes == []
-    assert novel.notes == hm.notes == ["n/a: the method cannot classify classes it was not trained on."]
+    assert base.mean["zeroshot"].isna().all()
+    assert base.notes == novel.notes == hm.notes == ["n/a: no base-to-novel results for Zero-shot."]
 
 
 def test_base2new_tables_of_the_linear_probe_alone():
@@ -319,29 +394,32 @@ def test_crossdata_tables_transfer_means_by_hand():
     assert to_markdown(summary) == (
         "**Cross-dataset accuracy (%): trained on the row's dataset (16 shots), mean over the other datasets**\n"
         "\n"
-        "| Dataset | coop | linear_probe |\n"
+        "| Dataset | CoOp | Linear probe |\n"
         "|---|---:|---:|\n"
         "| d1 | **45.0 ± 5.0** | n/a |\n"
         "| d2 | **65.0 ± 0.0** | n/a |\n"
         "| d3 | **30.0 ± 0.0** | n/a |\n"
         "| **Average** | **46.7 ± 1.7** | n/a |\n"
         "\n"
-        "n/a: linear_probe cannot classify another dataset's classes.\n")
+        "n/a: Linear probe cannot classify another dataset's classes.\n")
     assert to_markdown(matrix) == (
-        "**Cross-dataset accuracy (%) of coop: rows are sources, columns targets (diagonal: in-domain)**\n"
+        "**Cross-dataset accuracy (%) of CoOp: rows are sources, columns targets (in italics: in-domain, the "
+        "source's own test set)**\n"
         "\n"
         "| Source / target | d1 | d2 | d3 |\n"
         "|---|---:|---:|---:|\n"
-        "| d1 | 90.0 ± 0.0 | 35.0 ± 5.0 | 55.0 ± 5.0 |\n"
-        "| d2 | 60.0 ± 0.0 | 80.0 ± 0.0 | 70.0 ± 0.0 |\n"
-        "| d3 | 25.0 ± 5.0 | 35.0 ± 5.0 | 70.0 ± 0.0 |\n")
+        "| d1 | *90.0 ± 0.0* | 35.0 ± 5.0 | 55.0 ± 5.0 |\n"
+        "| d2 | 60.0 ± 0.0 | *80.0 ± 0.0* | 70.0 ± 0.0 |\n"
+        "| d3 | 25.0 ± 5.0 | 35.0 ± 5.0 | *70.0 ± 0.0* |\n")
+    assert matrix.italic_cells == [("d1", "d1"), ("d2", "d2"), ("d3", "d3")] and matrix.rotate_headers
+    assert "\\rotatebox{90}{d2}" in to_latex(matrix) and "\\textit{80.0}$_{\\pm 0.0}$" in to_latex(matrix)
     only = crossdata_tables(crossdata_rows(), ["coop"], ["d1", "d2", "d3"])
     assert only[0].notes == []
     assert crossdata_tables(crossdata_rows().assign(setting="fewshot"), ["coop"], ["d1"]) == []
     two = pd.concat([crossdata_rows().assign(method="zeroshot"), crossdata_rows()], ignore_index=True)
     tables = crossdata_tables(two, ["coop", "linear_probe", "zeroshot", "clip_adapter"], ["d3", "d1", "d2"])
     assert [t.name for t in tables] == ["crossdata_transfer", "crossdata_matrix_coop", "crossdata_matrix_zeroshot"]
-    assert tables[0].notes == ["n/a: linear_probe, clip_adapter cannot classify another dataset's classes."]
+    assert tables[0].notes == ["n/a: Linear probe, CLIP-Adapter cannot classify another dataset's classes."]
     assert list(tables[0].mean.index) == ["d3", "d1", "d2", "Average"]
     assert list(tables[1].mean.index) == list(tables[1].mean.columns) == ["d3", "d1", "d2"]
 
@@ -397,18 +475,19 @@ def test_write_report_layout(tmp_path):
         "accuracies)**",
         "## Cross-dataset", "![crossdata_heatmap](figures/crossdata_heatmap.png)",
         "**Cross-dataset accuracy (%): trained on the row's dataset (16 shots), mean over the other datasets**",
-        "**Cross-dataset accuracy (%) of coop: rows are sources, columns targets (diagonal: in-domain)**"]
+        "**Cross-dataset accuracy (%) of CoOp: rows are sources, columns targets (in italics: in-domain, the source's "
+        "own test set)**"]
     # each table as to_markdown writes it (ending in a newline), then a blank line; the file ends with one newline
-    assert ("| **Average** | n/a | **46.7 ± 1.7** |\n\nn/a: linear_probe cannot classify another dataset's classes."
-            "\n\n\n**Cross-dataset accuracy (%) of coop") in md
-    assert "n/a: the method cannot classify classes it was not trained on.\n\n\n**Base-to-novel" in md
+    assert ("| **Average** | n/a | **46.7 ± 1.7** |\n\nn/a: Linear probe cannot classify another dataset's classes."
+            "\n\n\n**Cross-dataset accuracy (%) of CoOp") in md
+    assert "n/a: Linear probe cannot classify classes it was not trained on.\n\n\n**Base-to-novel" in md
     assert "![crossdata_heatmap](figures/crossdata_heatmap.png)\n\n**Cross-dataset accuracy (%): trained" in md
-    assert "| Dataset | linear_probe | coop |\n" in md and "| Source / target | d2 | d1 | d3 |\n" in md
-    assert md.endswith("| d3 | 35.0 ± 5.0 | 25.0 ± 5.0 | 70.0 ± 0.0 |\n")
+    assert "| Dataset | Linear probe | CoOp |\n" in md and "| Source / target | d2 | d1 | d3 |\n" in md
+    assert md.endswith("| d3 | 35.0 ± 5.0 | 25.0 ± 5.0 | *70.0 ± 0.0* |\n")
     tex = (out / "tables.tex").read_text()
     assert tex.startswith("% biovlm benchmark tables (generated by `dvc repro report`); needs "
-                          "\\usepackage{booktabs}\n\n\\begin{table}[t]\n")
-    assert tex.count("\\end{table}\n\n\n\\begin{table}[t]\n") == 5 + 3 + 2 - 1 and tex.endswith("\\end{table}\n")
+                          "\\usepackage{booktabs,graphicx}\n\n% fewshot_k1_accuracy: natural width about ")
+    assert tex.count("\\end{table}\n\n\n% ") == 5 + 3 + 2 - 1 and tex.endswith("\\end{table}\n")
     direct = tmp_path / "direct"
     direct.mkdir()
     drawn = [*plot_fewshot(df, methods, datasets, direct), *plot_base2new(df, methods, direct),

@@ -521,13 +521,18 @@ def test_report_writes_tables_figures_and_the_configuration(results_dir, capsys)
     (results_dir / "results" / "breastmnist" / "environment.json").write_text(json.dumps(record))
     report.main([])
     md = (results_dir / "report" / "report.md").read_text().splitlines()
-    assert md[:5] == ["# biovlm benchmark report", "",
+    assert md[:7] == ["# biovlm benchmark report", "",
+                      "> **Synthetic data: made from synthetic twins of the MedMNIST+ datasets (the offline demo), "
+                      "not benchmark results.**", "",
                       "Configuration: profile `demo`; backbone `tiny`, 28 px synthetic twins, seeds [1, 2], "
                       "1 epochs (see params.yaml and dvc.lock).", "",
                       "Environment: Python 3.11.7, torch 2.0, open_clip 3.0, kornia 0.9, numpy 2.0, cpu, "
                       "commit 0123456789ab."]
-    assert "| zeroshot | coop |" in md[md.index("**Few-shot accuracy (%), K = 2 (shots per class)**") + 2]
-    assert "| breastmnist | 40.0 ± 0.0 | **65.0 ± 5.0** |" in md
+    # the demo's data are synthetic twins: every table says so
+    caption = "**SYNTHETIC DATA: Few-shot accuracy (%), K = 2 (shots per class)**"
+    assert "| Zero-shot | CoOp |" in md[md.index(caption) + 2]
+    assert sum(line.startswith("**SYNTHETIC DATA: ") for line in md) == 11  # 5 few-shot, 3 b2n, 1 + 2 cross
+    assert "| BreastMNIST | 40.0 ± 0.0 | **65.0 ± 5.0** |" in md
     assert "| **Average** | 35.0 ± 0.0 | **75.0 ± 5.0** |" in md
     assert not any("biovlm" in line for line in md[1:])  # the method no longer configured is not reported
     assert sorted(p.name for p in (results_dir / "report" / "figures").iterdir()) == [
@@ -542,6 +547,8 @@ def test_report_header_of_the_paper_profile_without_environment(results_dir):
     md = (results_dir / "paper" / "report.md").read_text().splitlines()
     assert md[2] == ("Configuration: profile `paper`; backbone `biomedclip`, 224 px MedMNIST+, seeds [1, 2], "
                      "50 epochs (see params.yaml and dvc.lock).")
+    assert not any("SYNTHETIC" in line or "Synthetic data" in line for line in md)
+    assert "SYNTHETIC" not in (results_dir / "paper" / "tables.tex").read_text()
     assert not any(line.startswith("Environment:") for line in md)
 
 

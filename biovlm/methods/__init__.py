@@ -1,7 +1,7 @@
 """Methods: BioVLM and its baselines behind one interface (see ``base.Method``), chosen by name.
 
-``METHOD_NAMES`` is importable without torch (for config validation); ``METHODS``, ``Method`` and
-``NotTransferable`` are loaded on first use.
+``METHOD_NAMES`` and ``display_name`` are importable without torch (for config validation and the report);
+``METHODS``, ``Method`` and ``NotTransferable`` are loaded on first use.
 """
 
 from __future__ import annotations
@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-METHOD_NAMES = ("zeroshot", "zeroshot_attr", "coop", "cocoop", "kgcoop", "biomedcoop", "clip_adapter",
-                "linear_probe", "biovlm")
+# Every method: its name (params.yaml, results files) and the name tables and figures print for it.
+DISPLAY_NAMES = {"zeroshot": "Zero-shot", "zeroshot_attr": "Zero-shot + attributes", "coop": "CoOp", "cocoop": "CoCoOp",
+                 "kgcoop": "KgCoOp", "biomedcoop": "BiomedCoOp", "clip_adapter": "CLIP-Adapter",
+                 "linear_probe": "Linear probe", "biovlm": "BioVLM"}
+METHOD_NAMES = tuple(DISPLAY_NAMES)
 
 
 def _registry() -> dict:
@@ -36,6 +39,11 @@ def __getattr__(name: str) -> Any:
 
         return getattr(base, name)
     raise AttributeError(f"module 'biovlm.methods' has no attribute {name!r}")
+
+
+def display_name(name: str) -> str:
+    """The name tables and figures print for method ``name`` (an unknown name prints as itself)."""
+    return DISPLAY_NAMES.get(name, name)
 
 
 def check_method_name(name: str) -> None:
