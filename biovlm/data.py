@@ -172,8 +172,10 @@ def custom_dataset(classes: Sequence[str], like: DatasetInfo | None = None, name
         raise ValueError(f"a class list needs at least two classes (a classifier chooses between them), got {names}")
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"class names must be distinct; repeated: {dupes}")
-    base = like or DatasetInfo(name="custom", classes=(), n_channels=3, task="multi-class", modality="medical image")
-    return replace(base, name=name or base.name, modality=modality or base.modality, classes=tuple(names),
+    base = like or DatasetInfo(name="custom", display_name="custom", classes=(), n_channels=3, task="multi-class",
+                               modality="medical image")
+    return replace(base, name=name or base.name, display_name=name or base.display_name,
+                   modality=modality or base.modality, classes=tuple(names),
                    n_samples={}, class_format="{}", reference_names=(), class_names="medmnist")
 
 
