@@ -1,10 +1,11 @@
-"""``params.yaml`` -> one validated config dict: the profile overlay merged, every knob checked before work starts.
+"""The configuration: ``conf/`` composed into ``params.yaml`` (as DVC does it), read and validated.
 
-``params.yaml`` holds the paper configuration at its top level and named overlays under ``profiles``;
-``profile: demo`` applies ``profiles.demo`` over the top level (dicts merge key by key, lists and scalars are
-replaced). An overlay changes values only: it may not change ``datasets`` or ``methods``, because ``dvc.yaml``
-expands its ``foreach`` stages from the top-level lists, and it may not add keys the top level lacks (a typo
-would otherwise be ignored silently).
+``conf/config.yaml`` holds every knob with its comments, at the values of the published setup; a profile
+(``conf/profile/<name>.yaml``: ``paper``, ``demo``, ``project``) overrides some of them. ``dvc exp run`` composes the
+two with Hydra (``.dvc/config``: ``hydra.enabled``), applies every ``-S key=value`` last and writes the result to
+``params.yaml``, which is what DVC records (``dvc exp show``, ``dvc params diff``) and what the stages read: the
+values a run uses are the values DVC shows. ``dvc repro`` runs ``params.yaml`` as it is (the committed one is the
+paper profile's composition; ``tests/test_config.py`` keeps them equal).
 
 Every stage calls ``load_config`` first, so a bad value (unknown dataset, method, setting or backbone name,
 ``select_ratio`` outside (0, 1], shots the data cannot provide, ...) fails in seconds with a message naming the
@@ -14,6 +15,7 @@ key and the fix, never deep inside training. This module imports no torch.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import re
@@ -28,7 +30,6 @@ METHODS = ("zeroshot", "zeroshot_attr", "coop", "cocoop", "kgcoop", "biomedcoop"
            "biovlm")
 # Backbones by name (biovlm.backbone); any "<open_clip architecture>/<pretrained tag>" works too.
 BACKBONES = ("biomedclip", "biomedclip-random", "tiny", "tiny-pretrained", "tiny-clip")
-PROFILE_FIXED = ("datasets", "methods")  # read by dvc.yaml's foreach, so a profile cannot change them
 KL_REDUCTIONS = ("batchmean", "reference")
 ATTRIBUTE_SOURCES = ("reference", "curated", "llm")  # biovlm.attributes.SOURCES (no import: it is not needed here)
 CLASS_NAMES = ("reference", "medmnist")  # biovlm.data.CLASS_NAMES
@@ -36,6 +37,7 @@ ATTRIBUTE_TEMPLATES = ("reference", "project")  # biovlm.data.ATTRIBUTE_TEMPLATE
 PER_RUN_SETTINGS = ("fewshot", "base2new")  # settings that train (crossdata reuses the fewshot runs)
 NORMALIZATIONS = ("imagenet", "backbone")  # biovlm.features.NORMALIZATIONS
 
+CONF_DIR = Path("conf")  # the Hydra configuration params.yaml is composed from (beside params.yaml)
 # Where the stages read and write (relative to the repository root; dvc.yaml names the same paths).
 ATTRIBUTES_DIR = Path("data/attributes")
 FILTERED_DIR = Path("data/filtered")
@@ -169,8 +171,6 @@ def _optional(path: str) -> bool:
     """Keys that may be absent from params.yaml: a method's own ``train:`` schedule, its ``per_run`` values
     (``<method>.per_run.<setting>.<dataset or all>``) and their knobs."""
     parts = path.split(".")
-    if parts[0] == "profiles" and len(parts) > 2:
-        parts = parts[2:]
     if len(parts) < 2 or parts[0] not in METHOD_KNOBS:
         return False
     rest = parts[1:]
@@ -202,73 +202,102 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _overlay(base: dict, over: Mapping, where: str, touched: list[str]) -> None:
-    for key, value in over.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in base and _optional(path):
-            base[key] = {} if isinstance(value, Mapping) else None
-        if key not in base:
-            raise ConfigError(f"profile key {path} does not exist in params.yaml (a profile may only change "
-                              f"existing values); valid keys here: {', '.join(sorted(map(str, base)))}")
-        if isinstance(base[key], dict) and isinstance(value, Mapping):
-            _overlay(base[key], value, path, touched)
-        else:
-            base[key] = copy.deepcopy(value)
-            touched.append(path)
+def _conf_stamp(conf_dir: Path) -> tuple:
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(conf_dir.rglob("*.yaml")))
 
 
-def resolve(raw: Mapping, overrides: Mapping[str, Any] | None = None) -> dict:
-    """Merge the selected profile into the top level and apply ``overrides`` (dotted keys) last.
+@functools.lru_cache(maxsize=16)
+def _compose_text(conf_dir: str, profile: str, stamp: tuple) -> str:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
 
-    ``overrides`` win over the profile (``profile`` and ``profiles.*`` overrides are applied before the overlay,
-    so ``{"profile": "demo"}`` selects the demo). The result holds ``_profile`` and ``_from_profile`` (the dotted
-    keys the profile set) for messages; the other keys are params.yaml's.
-    """
-    if not isinstance(raw, Mapping):
-        raise ConfigError("params.yaml must be a mapping of sections")
-    cfg = copy.deepcopy(dict(raw))
-    overrides = dict(overrides or {})
-    early = {k: v for k, v in overrides.items() if k == "profile" or k.startswith("profiles.")}
-    for key, value in early.items():
-        set_dotted(cfg, key, value)
-    profiles = cfg.pop("profiles", None) or {}
-    profile = cfg.get("profile", "paper")
-    if not isinstance(profiles, Mapping):
-        raise ConfigError("profiles must be a mapping: {<name>: {<section>: {<key>: value}}}")
-    valid = sorted({"paper", *profiles})
-    if profile not in valid:
-        raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(valid)} "
-                          f"(add one under 'profiles:' in params.yaml)")
-    overlay = profiles.get(profile) or {}
-    if not isinstance(overlay, Mapping):
-        raise ConfigError(f"profiles.{profile} must be a mapping of sections")
-    fixed = [k for k in PROFILE_FIXED if k in overlay]
-    if fixed:
-        raise ConfigError(f"profiles.{profile} sets {', '.join(fixed)}: dvc.yaml builds one stage per entry of "
-                          f"the top-level lists, so a profile may not change them. Edit the top-level "
-                          f"{fixed[0]} instead (e.g. dvc exp run -S '{fixed[0]}=[...]').")
-    touched: list[str] = []
-    _overlay(cfg, overlay, "", touched)
-    for key, value in overrides.items():
-        if key not in early:
-            set_dotted(cfg, key, value)
-            if key in touched:
-                touched.remove(key)
-    cfg["_profile"] = profile
-    cfg["_from_profile"] = touched
-    return cfg
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base=None):
+            cfg = compose(config_name="config", overrides=[f"profile={profile}"])
+    except HydraException as e:
+        valid = sorted(p.stem for p in (Path(conf_dir) / "profile").glob("*.yaml"))
+        if f"profile/{profile}" in str(e):
+            raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(valid)} (add "
+                              f"conf/profile/{profile}.yaml to make one)") from None
+        raise ConfigError(f"{conf_dir}: {str(e).splitlines()[0]}") from None
+    OmegaConf.resolve(cfg)
+    return OmegaConf.to_yaml(cfg)  # what DVC writes to params.yaml (dvc.utils.hydra.compose_and_dump)
+
+
+def compose_text(profile: str = "paper", conf_dir: str | Path = CONF_DIR) -> str:
+    """``params.yaml`` as ``dvc exp run -S profile=<profile>`` writes it: Hydra's composition of ``conf/``."""
+    conf = Path(conf_dir).resolve()
+    if not (conf / "config.yaml").exists():
+        raise FileNotFoundError(f"{conf / 'config.yaml'} not found: the configuration params.yaml is composed from "
+                                f"(run from the repository root)")
+    return _compose_text(str(conf), profile, _conf_stamp(conf))
+
+
+def compose(profile: str = "paper", conf_dir: str | Path = CONF_DIR) -> dict:
+    """The composed configuration of ``profile`` as the stages read it (before validation)."""
+    return yaml.load(compose_text(profile, conf_dir), Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
+
+
+def profile_keys(profile: str, conf_dir: str | Path = CONF_DIR) -> list[str]:
+    """The dotted keys ``conf/profile/<profile>.yaml`` sets (its leaves, ``profile`` itself aside)."""
+    path = Path(conf_dir) / "profile" / f"{profile}.yaml"
+    if not path.exists():
+        return []
+    keys: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif where != "profile":
+            keys.append(where)
+
+    walk(yaml.load(path.read_text(), Loader=ParamsLoader) or {}, "")  # noqa: S506 (a SafeLoader)
+    return keys
+
+
+def _get_dotted(cfg: Mapping, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> dict:
-    """Read ``params.yaml``, merge the selected profile, apply ``overrides`` and validate everything."""
+    """Read ``params.yaml`` (composed: see the module docstring), apply ``overrides`` and validate everything.
+
+    ``overrides`` are ``dvc exp run -S`` values as a dict of dotted keys; ``{"profile": "demo"}`` composes the demo
+    from the ``conf/`` beside ``path`` first, as ``-S profile=demo`` does, and the other keys win over it. The result
+    holds ``_profile`` and ``_from_profile`` (the keys whose value is the profile's) for messages.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run from the repository root (where params.yaml lives)")
-    try:
-        raw = yaml.load(path.read_text(), Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    cfg = resolve(raw or {}, overrides)
+    overrides = dict(overrides or {})
+    conf_dir = path.parent / CONF_DIR
+    if "profile" in overrides:
+        raw = compose(overrides.pop("profile"), conf_dir)
+    else:
+        try:
+            raw = yaml.load(path.read_text(), Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path} must be a mapping of sections")
+    if "profiles" in raw:
+        raise ConfigError(f"{path} has a 'profiles' section: profiles now live in conf/profile/<name>.yaml and "
+                          f"params.yaml is composed from conf/ (dvc exp run -S profile=<name>); move the overlays "
+                          f"there")
+    cfg = copy.deepcopy(dict(raw))
+    for key, value in overrides.items():
+        set_dotted(cfg, key, value)
+    profile = cfg.get("profile", "paper")
+    profile_file = yaml.load((conf_dir / "profile" / f"{profile}.yaml").read_text(), Loader=ParamsLoader) \
+        if (conf_dir / "profile" / f"{profile}.yaml").exists() else {}  # noqa: S506 (a SafeLoader)
+    cfg["_profile"] = profile
+    cfg["_from_profile"] = [k for k in profile_keys(profile, conf_dir) if k not in overrides
+                            and _has_value(cfg, k, _get_dotted(profile_file, k))]
     validate(cfg)
     if os.environ.get("DVC_EXP_NAME"):  # a stage of `dvc exp run`: params.yaml must not change under it
         from biovlm.workspace import check_params
@@ -277,20 +306,20 @@ def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
     return cfg
 
 
+def _has_value(cfg: Mapping, key: str, value: Any) -> bool:
+    try:
+        return _get_dotted(cfg, key) == value
+    except (KeyError, TypeError):
+        return False
+
+
 # ----------------------------------------------------------------------------------------------- validation
-def _key(cfg: Mapping, key: str) -> str:
-    """The dotted key to edit to change ``key``: under the profile's overlay if the profile sets it (or a key
-    inside it), else ``key`` itself."""
+def _where(cfg: Mapping, key: str) -> str:
+    """``key``, and the profile file its value came from, if any (``-S key=value`` changes it either way)."""
     touched = cfg.get("_from_profile", ())
     if key in touched or any(t.startswith(f"{key}.") for t in touched):
-        return f"profiles.{cfg['_profile']}.{key}"
+        return f"{key} (from conf/profile/{cfg['_profile']}.yaml)"
     return key
-
-
-def _where(cfg: Mapping, key: str) -> str:
-    """How to change ``key``: through the profile overlay if the profile set it, else at the top level."""
-    where = _key(cfg, key)
-    return f"{where} (profile {cfg['_profile']!r} sets it)" if where != key else key
 
 
 def _fail(cfg: Mapping, key: str, value: Any, expected: str, hint: str = "") -> None:
@@ -460,11 +489,11 @@ def _check_synthetic(cfg: dict, datasets: list[str], biggest: int) -> None:
     if per_class < biggest:
         _fail(cfg, "data.synthetic_n", counts,
               f"large enough for {biggest} shots per class", f"{widest} has {most} classes, so its synthetic train "
-              f"split holds {per_class} per class: set {_key(cfg, 'data.synthetic_n')}.train >= {biggest * most} "
+              f"split holds {per_class} per class: set data.synthetic_n.train >= {biggest * most} "
               f"or lower the shots")
     if counts["val"] // most < min(biggest, 4):
         _fail(cfg, "data.synthetic_n", counts, f"large enough for {min(biggest, 4)} validation shots per class",
-              f"set {_key(cfg, 'data.synthetic_n')}.val >= {min(biggest, 4) * most}")
+              f"set data.synthetic_n.val >= {min(biggest, 4) * most}")
     if counts["test"] < most:
         _fail(cfg, "data.synthetic_n", counts, f"at least {most} test images (one per class of {widest})")
 
@@ -551,11 +580,8 @@ def torch_device(cfg: Mapping) -> str:
 
 
 def describe_profile(cfg: Mapping) -> str:
-    """One line for stage logs: which profile is active and which keys it overrides."""
-    touched = cfg.get("_from_profile") or []
-    if not touched:
-        return f"profile {cfg.get('_profile', 'paper')!r}"
-    return f"profile {cfg['_profile']!r} overrides: {', '.join(touched)} (change them under profiles.{cfg['_profile']})"
+    """For stage logs: the profile that composed params.yaml (its values: ``conf/profile/<name>.yaml``)."""
+    return f"profile {cfg.get('_profile', 'paper')!r}"
 
 
 def stage_main(name: str, main, argv: list[str] | None = None, exit_code: int = 1) -> None:
@@ -570,3 +596,29 @@ def stage_main(name: str, main, argv: list[str] | None = None, exit_code: int = 
             raise
         print(f"{name}: error: {e}", file=sys.stderr)
         raise SystemExit(exit_code) from None
+
+
+PARAMS_HEADER = """\
+# GENERATED: the composition of conf/ (conf/config.yaml, then conf/profile/<profile>.yaml) that DVC records and the
+# stages read. Edit conf/, not this file: `dvc exp run [-S profile=<name>] [-S key=value]` rewrites it (without
+# this header), and `python -m biovlm.config` writes the paper profile's again (the committed version).
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m biovlm.config",
+                                 description="Write params.yaml: conf/ composed for a profile, as dvc exp run does.")
+    ap.add_argument("--profile", default="paper", help="conf/profile/<name>.yaml to compose (default: paper)")
+    ap.add_argument("--out", default="params.yaml", help="file to write (default: params.yaml)")
+    args = ap.parse_args(argv)
+    text = compose_text(args.profile, Path(args.out).parent / CONF_DIR)
+    cfg = yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
+    validate({**cfg, "_profile": args.profile, "_from_profile": []})
+    Path(args.out).write_text(PARAMS_HEADER + text)
+    print(f"wrote {args.out} (profile {args.profile!r})")
+
+
+if __name__ == "__main__":
+    stage_main("config", main)

@@ -1,4 +1,5 @@
-"""params.yaml, the profile overlay and validation: every bad value fails fast with a message naming key and fix."""
+"""conf/ composed into params.yaml, profiles, and validation: every bad value fails fast with a message naming key
+and fix."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from biovlm.config import (
     all_shots,
     crossdata_sources,
     load_config,
+    PARAMS_HEADER,
+    compose,
+    compose_text,
     raw_dir,
-    resolve,
     validate,
 )
 from biovlm.data import DATASETS
@@ -29,6 +32,13 @@ PARAMS = COMMITTED_PARAMS
 
 def raw() -> dict:
     return yaml.safe_load(PARAMS.read_text())
+
+
+def checked(values: dict) -> dict:
+    """``values`` validated as a composed params.yaml would be."""
+    cfg = {**values, "_profile": values.get("profile", "paper"), "_from_profile": []}
+    validate(cfg)
+    return cfg
 
 
 def config(**overrides) -> dict:
@@ -138,10 +148,6 @@ def test_a_method_may_have_its_own_train_schedule():
         config(**{"cocoop.train.epoch": 3})
     with pytest.raises(ConfigError, match=r"cocoop.train.lr must be a number > 0"):
         config(**{"cocoop.train.lr": 0})
-    bad = raw()
-    bad["profiles"]["demo"]["cocoop"] = {"train": {"epochz": 1}}
-    with pytest.raises(ConfigError, match=r"profile key cocoop.train.epochz does not exist"):
-        resolve(bad, {"profile": "demo"})
 
 
 def test_train_knobs_match_the_loop():
@@ -192,33 +198,62 @@ def test_unknown_keys_are_errors():
     bad = raw()
     bad["biovlm"]["bank_sz"] = 3
     with pytest.raises(ConfigError, match=r"unknown key\(s\) biovlm.bank_sz; valid keys of biovlm: .*bank_size"):
-        validate(resolve(bad))
+        checked(bad)
     bad = raw()
     bad["trian"] = {"epochs": 3}
     with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['trian'\]"):
-        validate(resolve(bad))
+        checked(bad)
 
 
-def test_profile_rules():
-    bad = raw()
-    bad["profiles"]["demo"]["datasets"] = ["pathmnist"]
-    with pytest.raises(ConfigError, match="may not change them.*Edit the top-level datasets"):
-        resolve(bad, {"profile": "demo"})
-    bad = raw()
-    bad["profiles"]["demo"]["train"]["epoch"] = 3
-    with pytest.raises(ConfigError, match=r"profile key train.epoch does not exist in params.yaml"):
-        resolve(bad, {"profile": "demo"})
-    # a bad value set by the profile is reported where it must be changed
-    with pytest.raises(ConfigError, match=r"profiles.demo.fewshot.shots \(profile 'demo' sets it\)"):
-        config(profile="demo", **{"profiles.demo.fewshot.shots": [0]})
+def conf_copy(tmp_path: Path, profile: str = "", text: str = "") -> Path:
+    """The committed conf/ beside a params.yaml in ``tmp_path``, with ``conf/profile/<profile>.yaml`` = ``text``."""
+    import shutil
+
+    shutil.copytree(PARAMS.parent / "conf", tmp_path / "conf")
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    if profile:
+        (tmp_path / "conf" / "profile" / f"{profile}.yaml").write_text(text)
+    return tmp_path / "params.yaml"
 
 
-def test_synthetic_hint_names_the_key_the_profile_sets():
-    """The demo sets data.synthetic_n: the fix is under profiles.demo, where -S must change it."""
-    with pytest.raises(ConfigError, match=r"set profiles\.demo\.data\.synthetic_n\.train >= 176 or lower the shots$"):
-        config(profile="demo", **{"profiles.demo.data.synthetic_n.train": 100})
-    with pytest.raises(ConfigError, match=r"; set profiles\.demo\.data\.synthetic_n\.val >= 44$"):
-        config(profile="demo", **{"profiles.demo.data.synthetic_n.val": 20})
+def test_params_yaml_is_the_paper_profiles_composition_of_conf():
+    """The committed params.yaml is what `dvc exp run` (Hydra, as DVC runs it) writes for the paper profile."""
+    assert PARAMS.read_text() == PARAMS_HEADER + compose_text("paper", PARAMS.parent / "conf")
+    assert raw()["profile"] == "paper" and "profiles" not in raw() and "defaults" not in raw()
+
+
+def test_a_profile_is_a_conf_file_merged_over_the_defaults(tmp_path):
+    params = conf_copy(tmp_path, "small", "# @package _global_\nprofile: small\ndatasets: [pathmnist, octmnist]\n"
+                                          "train:\n  epochs: 3\n")
+    cfg = load_config(params, {"profile": "small"})
+    assert cfg["datasets"] == ["pathmnist", "octmnist"] and cfg["train"]["epochs"] == 3  # a profile may change both
+    assert cfg["train"]["lr"] == raw()["train"]["lr"] and cfg["_from_profile"] == ["datasets", "train.epochs"]
+    assert load_config(params, {"profile": "small", "train.epochs": 7})["train"]["epochs"] == 7  # -S wins
+    assert compose("small", tmp_path / "conf")["train"]["epochs"] == 3
+
+
+def test_profile_mistakes_are_named(tmp_path):
+    params = conf_copy(tmp_path, "typo", "# @package _global_\nprofile: typo\ntrain:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train.epoch; valid keys of train: .*epochs"):
+        load_config(params, {"profile": "typo"})
+    params = conf_copy(tmp_path / "b", "bad", "# @package _global_\nprofile: bad\nfewshot:\n  shots: [0]\n")
+    with pytest.raises(ConfigError, match=r"fewshot.shots \(from conf/profile/bad.yaml\) must be"):
+        load_config(params, {"profile": "bad"})
+    with pytest.raises(ConfigError, match=r"unknown profile 'fast'; valid profiles: demo, paper, project \(add "
+                                          r"conf/profile/fast.yaml to make one\)"):
+        load_config(PARAMS, {"profile": "fast"})
+    old = tmp_path / "old" / "params.yaml"
+    old.parent.mkdir()
+    old.write_text("profile: paper\nprofiles:\n  demo: {}\n")
+    with pytest.raises(ConfigError, match=r"has a 'profiles' section: profiles now live in conf/profile/"):
+        load_config(old)
+
+
+def test_synthetic_hint_names_the_key_to_set():
+    with pytest.raises(ConfigError, match=r"set data\.synthetic_n\.train >= 176 or lower the shots$"):
+        config(profile="demo", **{"data.synthetic_n.train": 100})
+    with pytest.raises(ConfigError, match=r"; set data\.synthetic_n\.val >= 44$"):
+        config(profile="demo", **{"data.synthetic_n.val": 20})
 
 
 def test_synthetic_twins_must_hold_the_shots():
@@ -261,7 +296,7 @@ def test_dvc_yaml_declares_existing_params_and_the_method_section():
     for name, stage in dvc["stages"].items():
         body = stage.get("do", stage)
         declared = _declared_params(body)
-        assert {"profile", "profiles"} <= set(declared), name
+        assert "profiles" not in declared, name  # params.yaml holds the values themselves
         for key in declared:
             if key == "${item}":
                 continue

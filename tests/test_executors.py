@@ -27,7 +27,7 @@ def inputs(tiny_backbone):
 
 def config(**overrides) -> dict:
     """The runs of the fast tests, on the ``tiny`` backbone (what each Ray worker loads for itself)."""
-    return small_config(**{"profiles.demo.backbone.name": "tiny", "settings": ["fewshot", "base2new"],
+    return small_config(**{"backbone.name": "tiny", "settings": ["fewshot", "base2new"],
                            "seeds": [1], **overrides})
 
 
@@ -136,7 +136,7 @@ def test_ray_workers_give_the_local_results_bit_for_bit_and_survive_a_killed_wor
     pytest.importorskip("ray")
     from biovlm.executors import RayExecutor
 
-    cfg = config(**{"profiles.demo.backbone.threads": 1})
+    cfg = config(**{"backbone.threads": 1})
     methods, threads = ["coop", "biovlm", "linear_probe"], torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' count (backbone.threads): float sums then agree
     try:

@@ -31,7 +31,7 @@ def small_config(**overrides) -> dict:
     base = {"profile": "demo", "datasets": DATASETS2, "seeds": [1, 2], "fewshot.shots": [1, 4],
             "base2new.shots": 4, "crossdata.shots": 4, "features.max_shots": 4, "train.epochs": 2,
             "train.batch_size": 8, "biovlm.bank_size": 3, "filter.keep": 2,
-            "profiles.demo.crossdata.sources": "all"}  # the demo's own source list holds one of DATASETS2
+            "crossdata.sources": "all"}  # the demo's own source list holds one of DATASETS2
     base.update(overrides)
     # the shared schedule for every method: the baselines' own (published) schedules and per-run values off
     for method in ("coop", "cocoop", "kgcoop", "biomedcoop", "clip_adapter"):
@@ -284,7 +284,7 @@ def test_mismatched_feature_files_fail_before_training(tiny_backbone, synthetic_
                f"data.class_names 'reference' names them ['malignant', 'benign']; rerun the attributes and filter "
                f"stages")
     with pytest.raises(runs.InputError, match=f"^{re.escape(message)}$"):
-        runs.load_inputs(small_config(**{**ok, "profiles.demo.data.class_names": "reference"}), feats, filtered)
+        runs.load_inputs(small_config(**{**ok, "data.class_names": "reference"}), feats, filtered)
     table = load_table(filtered / "bloodmnist.json")
     save_table(ConfidenceTable(**{**vars(table), "attributes": table.attributes[:3]}), filtered / "bloodmnist.json")
     with pytest.raises(runs.InputError, match=r"attributes for 3 classes, bloodmnist has 8"):
@@ -339,8 +339,7 @@ def test_dvc_pipeline_end_to_end(tmp_path):
         _dvc(["init", "-q"], repo)
 
     small = ["-S", "profile=demo", "-S", "datasets=[breastmnist,bloodmnist,pneumoniamnist,organamnist]",
-             "-S", "seeds=[1]", "-S", "profiles.demo.seeds=[1]", "-S", "profiles.demo.fewshot.shots=[1,16]",
-             "-S", "profiles.demo.backbone.name=tiny", "-S", "profiles.demo.train.epochs=2",
+             "-S", "seeds=[1]", "-S", "fewshot.shots=[1,16]", "-S", "backbone.name=tiny", "-S", "train.epochs=2",
              "-S", "methods=[zeroshot,coop,linear_probe,biovlm]", "-S", "backbone.threads=1"]
     _dvc(["exp", "run", *small], repo)
     metrics = repo / "metrics"
@@ -358,11 +357,11 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     assert (repo / "report" / "tables.tex").exists() and (repo / "report" / "figures" / "fewshot_average.png").exists()
     assert "stages" not in (repo / "dvc.yaml").read_text().split("plots:")[-1]  # nothing rewrote dvc.yaml
 
-    # commit the result, change one BioVLM knob: features are not recomputed, only BioVLM's runs are retrained
+    # commit the result, change one BioVLM knob (the same command plus one -S): features are not recomputed, only BioVLM's runs are retrained
     # (the other methods' run files are reused), and `dvc metrics diff` shows the change
     _git(["add", "-A"], repo)
     _git(["commit", "-qm", "demo results"], repo)
-    out = _dvc(["exp", "run", "-S", "biovlm.select_ratio=1.0"], repo)
+    out = _dvc(["exp", "run", *small, "-S", "biovlm.select_ratio=1.0"], repo)  # each run composes from conf/
     assert "Running stage 'train@breastmnist'" in out and "Running stage 'features'" not in out
     # each dataset's stage: 3 BioVLM runs (K 1 and 16, base-to-novel) retrained, CoOp's reused
     assert out.count("biovlm: 3 runs (3 trained, 0 reused, 0 of them from the run store)") == 4

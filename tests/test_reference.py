@@ -353,9 +353,9 @@ def test_the_published_texts_run_through_the_pipeline_offline(served, tmp_path, 
     from biovlm.prompts import attribute_text
     from stages import download, features, filter, train
 
-    published = {"profiles.demo.llm.source": "reference", "profiles.demo.data.class_names": "reference",
-                 "profiles.demo.data.attribute_template": "reference",
-                 "profiles.demo.data.template": "a photo of a {}.", "methods": ["zeroshot", "biomedcoop", "biovlm"]}
+    published = {"llm.source": "reference", "data.class_names": "reference",
+                 "data.attribute_template": "reference",
+                 "data.template": "a photo of a {}.", "methods": ["zeroshot", "biomedcoop", "biovlm"]}
     write_params(tmp_path / "params.yaml", **published)
     monkeypatch.chdir(tmp_path)
     for ds in ("breastmnist", "bloodmnist"):

@@ -19,25 +19,25 @@ import pytest
 import yaml
 from conftest import COMMITTED_PARAMS
 
-from biovlm.config import set_dotted, stage_main
+from biovlm.config import compose, set_dotted, stage_main
 from biovlm.evaluate import RESULT_COLUMNS
 from stages import attributes, crossdata, download, evaluate, features, report, train
 from stages import filter as filter_stage
 
 DATASETS2 = ["breastmnist", "bloodmnist"]  # 2 and 8 classes
 METHODS2 = ["zeroshot", "coop"]
-# The demo profile, smaller: the values the demo sets are changed in its overlay, the others at the top level.
+# The demo profile, smaller (what `dvc exp run -S profile=demo -S key=value ...` would write to params.yaml).
 TINY = {
     "profile": "demo",
     "datasets": DATASETS2,
     "methods": METHODS2,
-    "profiles.demo.seeds": [1],
-    "profiles.demo.data.synthetic_n": {"train": 32, "val": 32, "test": 16},
-    "profiles.demo.backbone.name": "tiny",
-    "profiles.demo.features.views": 1,
-    "profiles.demo.fewshot.shots": [1, 2],
-    "profiles.demo.crossdata.sources": "all",
-    "profiles.demo.train.epochs": 1,
+    "seeds": [1],
+    "data.synthetic_n": {"train": 32, "val": 32, "test": 16},
+    "backbone.name": "tiny",
+    "features.views": 1,
+    "fewshot.shots": [1, 2],
+    "crossdata.sources": "all",
+    "train.epochs": 1,
     "base2new.shots": 2,
     "crossdata.shots": 2,
     "features.max_shots": 2,
@@ -45,9 +45,11 @@ TINY = {
 
 
 def write_params(path: Path, **overrides) -> Path:
-    """The committed params.yaml with TINY and ``overrides`` (dotted keys) applied, written to ``path``."""
-    raw = yaml.safe_load(COMMITTED_PARAMS.read_text())
-    for key, value in {**TINY, **overrides}.items():
+    """params.yaml as `dvc exp run -S profile=<TINY's or overrides'> -S <key=value>...` writes it (composed from the
+    committed conf/, then TINY and ``overrides``, dotted keys), written to ``path``."""
+    values = {**TINY, **overrides}
+    raw = compose(values.pop("profile"), COMMITTED_PARAMS.parent / "conf")
+    for key, value in values.items():
         set_dotted(raw, key, value)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -157,7 +159,7 @@ def test_attributes_of_a_model_without_cache_or_key_fail_before_writing(tmp_path
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    write_params(tmp_path / "params.yaml", **{"profiles.demo.llm.source": "llm", "llm.model": "some-model",
+    write_params(tmp_path / "params.yaml", **{"llm.source": "llm", "llm.model": "some-model",
                                               "llm.cache_dir": "cache"})
     with pytest.raises(MissingAPIKeyError, match=r"^10 of 10 attribute requests for model 'some-model' are not in "
                                                  r"the cache cache and OPENAI_API_KEY is not set\. Missing:\n"):
@@ -240,7 +242,7 @@ def test_filter_errors_name_every_missing_input_and_stale_attributes(built, tmp_
         "['malignant', 'normal, benign']: rerun the attributes stage")
     assert list((tmp_path / "tables").iterdir()) == []
     # the built (medmnist-named) attributes after a switch to the reference class names: refused as well
-    write_params(tmp_path / "params.yaml", **{"profiles.demo.data.class_names": "reference"})
+    write_params(tmp_path / "params.yaml", **{"data.class_names": "reference"})
     argv = ["--attributes", str(built / "data" / "attributes"), "--features", str(built / "features"),
             "--out", "tables"]
     assert stage_error(capsys, "filter", filter_stage.main, argv) == (
@@ -250,10 +252,10 @@ def test_filter_errors_name_every_missing_input_and_stale_attributes(built, tmp_
 
 
 @pytest.mark.parametrize(("override", "field", "made", "asked"), [
-    ({"profiles.demo.data.size": 64}, "size", "28", "64"),
-    ({"profiles.demo.features.views": 2}, "views", "1", "2"),
-    ({"profiles.demo.features.normalize": "imagenet"}, "transform", "'backbone'", "'imagenet'"),
-    ({"profiles.demo.backbone.name": "tiny-pretrained"}, "backbone", "'tiny'", "'tiny-pretrained'"),
+    ({"data.size": 64}, "size", "28", "64"),
+    ({"features.views": 2}, "views", "1", "2"),
+    ({"features.normalize": "imagenet"}, "transform", "'backbone'", "'imagenet'"),
+    ({"backbone.name": "tiny-pretrained"}, "backbone", "'tiny'", "'tiny-pretrained'"),
 ])
 def test_filter_refuses_features_made_with_other_settings(built, tmp_path, monkeypatch, capsys, override, field, made,
                                                           asked):
@@ -275,7 +277,7 @@ def test_filter_refuses_features_of_other_weights_or_too_few_shots(built, tmp_pa
     from biovlm.backbone import Backbone
 
     monkeypatch.chdir(tmp_path)
-    write_params(tmp_path / "params.yaml", **{"features.max_shots": 4, "profiles.demo.fewshot.shots": [1, 4]})
+    write_params(tmp_path / "params.yaml", **{"features.max_shots": 4, "fewshot.shots": [1, 4]})
     argv = ["--attributes", str(built / "data" / "attributes"), "--features", str(built / "features"),
             "--out", "tables"]
     path = built / "features" / "breastmnist.safetensors"
@@ -447,7 +449,7 @@ def results_dir(tmp_path, monkeypatch) -> Path:
     train and crossdata stages write them (results/<dataset>/<method>.csv, results/crossdata/<method>.csv), plus
     those of a method no longer configured."""
     monkeypatch.chdir(tmp_path)
-    write_params(tmp_path / "params.yaml", **{"profiles.demo.seeds": [1, 2]})
+    write_params(tmp_path / "params.yaml", **{"seeds": [1, 2]})
     for method in (*METHODS2, "biovlm"):
         rows = results_rows("coop" if method == "biovlm" else method)
         frame = pd.DataFrame(rows)[list(RESULT_COLUMNS)].assign(method=method)
@@ -578,11 +580,10 @@ def test_every_stage_refuses_an_unknown_option_with_its_usage(name, stage, argv,
 
 def test_every_stage_reports_a_bad_params_value_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    write_params(tmp_path / "params.yaml", **{"profiles.demo.train.epochs": 0})
+    write_params(tmp_path / "params.yaml", **{"train.epochs": 0})
     for name, stage, argv in EVERY_STAGE:
         assert stage_error(capsys, name, stage.main, argv) == (
-            f"{name}: error: params.yaml: profiles.demo.train.epochs (profile 'demo' sets it) must be a positive "
-            f"integer, got 0")
+            f"{name}: error: params.yaml: train.epochs must be a positive integer, got 0")
     assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
 
 
