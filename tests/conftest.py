@@ -36,7 +36,8 @@ def pytest_report_header(config) -> str | None:
 COMMITTED_PARAMS = Path(tempfile.mkdtemp(prefix="biovlm-committed-")) / "params.yaml"
 """A copy of the committed params.yaml for every test that reads the configuration."""
 COMMITTED_PARAMS.write_text(committed_file("params.yaml"))
-for _rel in ("conf/config.yaml", *(f"conf/profile/{p.name}" for p in sorted((ROOT / "conf" / "profile").glob("*.yaml")))):
+_CONF = ["conf/config.yaml", *(f"conf/profile/{p.name}" for p in sorted((ROOT / "conf" / "profile").glob("*.yaml")))]
+for _rel in _CONF:
     (COMMITTED_PARAMS.parent / _rel).parent.mkdir(parents=True, exist_ok=True)  # what load_config composes from
     (COMMITTED_PARAMS.parent / _rel).write_text(committed_file(_rel))
 atexit.register(shutil.rmtree, COMMITTED_PARAMS.parent, ignore_errors=True)

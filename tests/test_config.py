@@ -14,13 +14,13 @@ from conftest import COMMITTED_PARAMS
 from biovlm.config import (
     METHOD_KNOBS,
     METHODS,
+    PARAMS_HEADER,
     ConfigError,
     all_shots,
-    crossdata_sources,
-    load_config,
-    PARAMS_HEADER,
     compose,
     compose_text,
+    crossdata_sources,
+    load_config,
     raw_dir,
     validate,
 )
@@ -321,7 +321,8 @@ def test_dvc_yaml_declares_existing_params_and_the_method_section():
 def test_floats_in_every_form_dvc_writes_are_numbers(tmp_path, text, value):
     """`dvc exp run -S train.warmup_lr=1e-6` writes `warmup_lr: 1e-06`, which YAML 1.1 reads as a string."""
     params = tmp_path / "params.yaml"
-    params.write_text(PARAMS.read_text().replace("  warmup_lr: 0.00001 ", f"  warmup_lr: {text} ", 1))
+    params.write_text(PARAMS.read_text().replace("  warmup_lr: 1.0e-05\n", f"  warmup_lr: {text}\n", 1))
+    assert f"  warmup_lr: {text}\n" in params.read_text()
     cfg = load_config(params)
     assert cfg["train"]["warmup_lr"] == value and isinstance(cfg["train"]["warmup_lr"], float)
     assert isinstance(cfg["train"]["epochs"], int) and cfg["features"]["crop_scale"] == [0.08, 1.0]

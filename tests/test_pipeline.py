@@ -357,7 +357,8 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     assert (repo / "report" / "tables.tex").exists() and (repo / "report" / "figures" / "fewshot_average.png").exists()
     assert "stages" not in (repo / "dvc.yaml").read_text().split("plots:")[-1]  # nothing rewrote dvc.yaml
 
-    # commit the result, change one BioVLM knob (the same command plus one -S): features are not recomputed, only BioVLM's runs are retrained
+    # commit the result, change one BioVLM knob (the same command plus one -S): features are not recomputed, only
+    # BioVLM's runs are retrained
     # (the other methods' run files are reused), and `dvc metrics diff` shows the change
     _git(["add", "-A"], repo)
     _git(["commit", "-qm", "demo results"], repo)
