@@ -24,7 +24,7 @@ from test_runs import input_config, input_files  # noqa: F401 (a fixture: featur
 
 from biovlm import predict as predict_cli
 from biovlm import runs
-from biovlm.config import stage_main
+from biovlm.config import compose, stage_main
 from biovlm.data import DATASETS, custom_dataset, get_dataset
 from biovlm.evaluate import classification_metrics
 from biovlm.features import load_features
@@ -147,8 +147,8 @@ def test_image_features_equal_the_feature_files_test_features(trained, synthetic
 
 
 def test_a_configured_split_and_another_datasets_classes(trained, synthetic_root, tiny_backbone, cli, tmp_path):
-    raw = yaml.safe_load(COMMITTED_PARAMS.read_text())
-    raw["profile"], raw["data"]["root"] = "demo", str(tmp_path / "raw")
+    raw = compose("demo", COMMITTED_PARAMS.parent / "conf")  # what `dvc exp run -S profile=demo` writes
+    raw["data"]["root"] = str(tmp_path / "raw")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     for ds in ("bloodmnist", "breastmnist"):

@@ -26,11 +26,10 @@ from stages import filter as filter_stage
 
 DATASETS2 = ["breastmnist", "bloodmnist"]  # 2 and 8 classes
 METHODS2 = ["zeroshot", "coop"]
-# The demo profile, smaller (what `dvc exp run -S profile=demo -S key=value ...` would write to params.yaml).
+# The demo profile, smaller (what `dvc exp run -S profile=demo -S key=value ...` would write to params.yaml); the
+# ALL_PROFILES keys apply to every profile.
 TINY = {
     "profile": "demo",
-    "datasets": DATASETS2,
-    "methods": METHODS2,
     "seeds": [1],
     "data.synthetic_n": {"train": 32, "val": 32, "test": 16},
     "backbone.name": "tiny",
@@ -38,17 +37,24 @@ TINY = {
     "fewshot.shots": [1, 2],
     "crossdata.sources": "all",
     "train.epochs": 1,
+    "datasets": DATASETS2,
+    "methods": METHODS2,
     "base2new.shots": 2,
     "crossdata.shots": 2,
     "features.max_shots": 2,
 }
 
+ALL_PROFILES = ("datasets", "methods", "base2new.shots", "crossdata.shots", "features.max_shots")
+
 
 def write_params(path: Path, **overrides) -> Path:
     """params.yaml as `dvc exp run -S profile=<TINY's or overrides'> -S <key=value>...` writes it (composed from the
     committed conf/, then TINY and ``overrides``, dotted keys), written to ``path``."""
-    values = {**TINY, **overrides}
-    raw = compose(values.pop("profile"), COMMITTED_PARAMS.parent / "conf")
+    profile = overrides.pop("profile", "demo")
+    tiny = TINY if profile == "demo" else {k: v for k, v in TINY.items() if k in ALL_PROFILES}
+    values = {**tiny, **overrides}
+    values.pop("profile", None)
+    raw = compose(profile, COMMITTED_PARAMS.parent / "conf")
     for key, value in values.items():
         set_dotted(raw, key, value)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -82,6 +82,7 @@ def test_load_config_checks_under_dvc_exp_run(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "exp-7")
     monkeypatch.setattr(workspace, "dvc_pid", lambda: 31337)
     load_config(params)
-    params.write_text(COMMITTED_PARAMS.read_text().replace("epochs: 50 ", "epochs: 5 ", 1))
+    params.write_text(COMMITTED_PARAMS.read_text().replace("  epochs: 50\n", "  epochs: 5\n", 1))
+    assert "  epochs: 5\n" in params.read_text()
     with pytest.raises(ConcurrentExperimentError, match="changed while `dvc exp run` exp-7"):
         load_config(params)
