@@ -58,7 +58,7 @@ def run_demo(work: Path, env: dict, command: list[str]) -> tuple[float, list[tup
 def demo_accuracy(metrics: Path) -> dict:
     """Per method, the dataset-average accuracy (mean over seeds) at each K, base-to-novel HM and cross-dataset
     transfer, in percent, from the demo's metrics files; ``chance`` is the mean chance level of the 11 datasets."""
-    fewshot = json.loads((metrics / "fewshot.json").read_text())
+    fewshot = json.loads((metrics / "detail" / "fewshot.json").read_text())
     summary = json.loads((metrics / "summary.json").read_text())
     out: dict = {"chance": round(100 * sum(1 / i.n_classes for i in data.DATASETS.values()) / len(data.DATASETS), 1)}
     for method, per_k in fewshot.items():

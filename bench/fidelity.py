@@ -230,7 +230,8 @@ def render(params: Path = ROOT / "params.yaml") -> str:
         "",
         "<!-- written by `python bench/fidelity.py` from params.yaml; tests/test_fidelity.py fails when stale -->",
         "",
-        "`dvc repro` runs the top level of `params.yaml`: BioVLM with the settings of its public code and every "
+        "`dvc repro` runs the committed `params.yaml`, the paper profile's composition of `conf/config.yaml`: BioVLM "
+        "with the settings of its public code and every "
         "baseline with its published BiomedCLIP configuration. Each row: the published value, where it is "
         "published, the value this benchmark runs (read from `params.yaml`, per run where a method has per-dataset "
         "values) and, where they differ, why. Datasets without a published config of their own take the "
@@ -252,12 +253,14 @@ def render(params: Path = ROOT / "params.yaml") -> str:
               "| public code | here | test |", "|---|---|---|"]
     lines += [f"| {was} | {now} | `{test}` |" for was, now, test in FIXES]
     lines += ["", "## The demo profile", "",
-              "`profile=demo` runs on a 2-core CPU with the `tiny-pretrained` stand-in. It keeps every BioVLM knob "
+              "`profile=demo` (`conf/profile/demo.yaml`) runs on a 2-core CPU with the `tiny-pretrained` stand-in. "
+              "It keeps every BioVLM knob "
               "of the published setup and sets its own values only where the published one cannot run or learn "
               "there:", "", "| key | paper | demo |", "|---|---|---|"]
     lines += [f"| `{k}` | {_show(_get(cfg, k))} | {_show(_get(demo, k))} |" for k in demo["_from_profile"]]
     lines += ["", "## Project variant", "",
-              "`profile=project` runs this project's variant of BioVLM (gentler distillation, confidence-filtered "
+              "`profile=project` (`conf/profile/project.yaml`) runs this project's variant of BioVLM (gentler "
+              "distillation, confidence-filtered "
               "attributes, milder crops): an ablation, never the default.", "", "| key | paper | project |",
               "|---|---|---|"]
     lines += [f"| `{k}` | {_show(_get(cfg, k))} | {_show(_get(project, k))} |" for k in project["_from_profile"]]

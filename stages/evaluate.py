@@ -1,7 +1,10 @@
 """DVC stage ``evaluate``: the results tables (``results/<dataset>/<method>.csv``,
-``results/crossdata/<method>.csv``) -> the DVC metrics ``metrics/fewshot.json``,
-``metrics/base2new.json``, ``metrics/crossdata.json``, ``metrics/summary.json`` and the plot data
-``metrics/plots/fewshot_curve.csv`` and ``metrics/plots/crossdata.csv``."""
+``results/crossdata/<method>.csv``) -> the DVC metric ``metrics/summary.json`` (the headline: one number per setting
+and method), the full tables ``metrics/detail/{fewshot,base2new,crossdata}.json`` (every K, dataset, metric, mean
+and std) and the plot data ``metrics/plots/fewshot_curve.csv`` and ``metrics/plots/crossdata.csv``.
+
+Only the headline is a DVC metric, so ``dvc exp show`` and ``dvc metrics diff`` stay a short list; the detail is in
+the report and in these files."""
 
 from __future__ import annotations
 
@@ -36,9 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {"fewshot": fewshot_metrics(df, methods, datasets), "base2new": base2new_metrics(df, methods, datasets),
                "crossdata": crossdata_metrics(df, methods, datasets)}
     metrics["summary"] = summary_metrics(metrics["fewshot"], metrics["base2new"], metrics["crossdata"])
+    (out / "detail").mkdir(parents=True, exist_ok=True)
     for name, values in metrics.items():
         check_finite(values, name)
-        (out / f"{name}.json").write_text(json.dumps(values, indent=1) + "\n")
+        where = out if name == "summary" else out / "detail"
+        (where / f"{name}.json").write_text(json.dumps(values, indent=1) + "\n")
     fewshot_curve(df, methods).to_csv(out / "plots" / "fewshot_curve.csv", index=False)
     crossdata_matrix(df, methods, datasets).to_csv(out / "plots" / "crossdata.csv", index=False)
     print(json.dumps(metrics["summary"], indent=1))

@@ -89,12 +89,12 @@ def _fake_metrics(folder: Path, coop16: float) -> None:
     def acc(v):
         return {"average": {"accuracy": {"mean": v, "std": 0.0}}}
 
-    folder.mkdir()
+    (folder / "detail").mkdir(parents=True)
     fewshot = {"zeroshot": {"k1": acc(60.04), "k16": acc(60.04)}, "coop": {"k1": acc(80.0), "k16": acc(coop16)},
                "biovlm": {"k1": acc(85.0), "k16": acc(90.0)}, "linear_probe": {"k1": acc(70.0), "k16": acc(95.0)}}
     summary = {"fewshot": {}, "base2new": {"zeroshot": 50.0, "coop": 55.5, "biovlm": 60.0},
                "crossdata": {"zeroshot": 40.0, "coop": 35.0, "biovlm": 38.0}}
-    (folder / "fewshot.json").write_text(json.dumps(fewshot))
+    (folder / "detail" / "fewshot.json").write_text(json.dumps(fewshot))
     (folder / "summary.json").write_text(json.dumps(summary))
 
 

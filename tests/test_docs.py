@@ -120,3 +120,12 @@ def test_every_bibtex_entry_of_the_citing_page_is_complete():
     software = next(body for kind, _, body in entries if kind == "software")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert f"version = {{{version}}}" in software
+
+
+def test_no_file_holds_a_merge_conflict_marker():
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    marked = [f for f in files if (ROOT / f).is_file() and (ROOT / f).suffix in (".md", ".py", ".yaml", ".yml", ".toml")
+              and re.search(r"^(<{7} |>{7} |={7}$)", (ROOT / f).read_text(errors="replace"), re.M)]
+    assert marked == []

@@ -343,7 +343,7 @@ def test_dvc_pipeline_end_to_end(tmp_path):
              "-S", "methods=[zeroshot,coop,linear_probe,biovlm]", "-S", "backbone.threads=1"]
     _dvc(["exp", "run", *small], repo)
     metrics = repo / "metrics"
-    for name in ("summary", "fewshot", "base2new", "crossdata"):
+    for name in ("summary", "detail/fewshot", "detail/base2new", "detail/crossdata"):
         values = json.loads((metrics / f"{name}.json").read_text())
         numbers = list(_numbers(values))
         assert numbers and all(math.isfinite(v) for v in numbers), name

@@ -476,15 +476,15 @@ def test_evaluate_writes_the_hand_computed_metrics(results_dir, capsys):
     assert summary == {"fewshot": {"zeroshot": 35.0, "coop": 75.0}, "base2new": {"zeroshot": 60.0, "coop": 62.963},
                        "crossdata": {"zeroshot": 30.0, "coop": 40.0}}
     assert json.loads(capsys.readouterr().out) == summary
-    fewshot = json.loads((metrics / "fewshot.json").read_text())
+    fewshot = json.loads((metrics / "detail" / "fewshot.json").read_text())
     assert list(fewshot) == METHODS2  # params.yaml's order; biovlm.csv is not read
     assert list(fewshot["coop"]["k2"]) == ["breastmnist", "bloodmnist", "average"]
     assert fewshot["coop"]["k2"]["breastmnist"]["accuracy"] == {"mean": 65.0, "std": 5.0}
     assert fewshot["coop"]["k2"]["average"]["macro_f1"] == {"mean": 65.0, "std": 5.0}
-    base2new = json.loads((metrics / "base2new.json").read_text())
+    base2new = json.loads((metrics / "detail" / "base2new.json").read_text())
     assert base2new["coop"]["breastmnist"]["hm"] == {"mean": 72.0}
     assert base2new["coop"]["average"]["novel"]["accuracy"] == {"mean": 50.0, "std": 0.0}
-    crossdata = json.loads((metrics / "crossdata.json").read_text())
+    crossdata = json.loads((metrics / "detail" / "crossdata.json").read_text())
     assert crossdata["coop"]["bloodmnist"]["breastmnist"] == {"accuracy": {"mean": 50.0, "std": 0.0}}
     assert crossdata["coop"]["average"]["in_domain"]["accuracy"] == {"mean": 75.0, "std": 5.0}
     curve = pd.read_csv(metrics / "plots" / "fewshot_curve.csv")
