@@ -584,6 +584,11 @@ def describe_profile(cfg: Mapping) -> str:
     return f"profile {cfg.get('_profile', 'paper')!r}"
 
 
+def stage_description(doc: str) -> str:
+    """A stage's ``--help`` description: its docstring's first paragraph, ``code`` marks as plain `code`."""
+    return " ".join(doc.split("\n\n")[0].replace("``", "`").split())
+
+
 def stage_main(name: str, main, argv: list[str] | None = None, exit_code: int = 1) -> None:
     """Run a stage's ``main``; a user error (bad value, missing or mismatched file, failed download) exits with
     its message and ``exit_code`` instead of a traceback. ``BIOVLM_DEBUG=1`` shows the traceback."""

@@ -267,8 +267,9 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
                                                len(pool), views, backbone.embed_dim),
                        f"writing {out.name}")  # before the encoding (hours for a large split), not after
     test = torch.empty(len(test_images), backbone.embed_dim, dtype=torch.float16)
+    # progress bars on a terminal only (disable=None): in a log file a bar is a line stuck at 0%
     for start, batch in tqdm(data.iter_batches(test_images, batch_size), desc=f"{dataset} test",
-                             total=-(-len(test_images) // batch_size), leave=False):
+                             total=-(-len(test_images) // batch_size), leave=False, disable=None):
         test[start : start + len(batch)] = encode_batch(backbone, batch, normalize)
 
     val_features = _encode(backbone, backbone.resize(backbone.images_to_unit(val_images[val])), batch_size,
@@ -283,7 +284,7 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
         "pool_clean": _encode(backbone, pool_unit, batch_size, normalize),
     }
     per_view: dict[str, list[torch.Tensor]] = {f: [] for f in FAMILIES}
-    for v in tqdm(range(views), desc=f"{dataset} views", leave=False):
+    for v in tqdm(range(views), desc=f"{dataset} views", leave=False, disable=None):
         chunks: dict[str, list[torch.Tensor]] = {f: [] for f in FAMILIES}
         for start in range(0, len(pool), batch_size):
             stop = start + batch_size

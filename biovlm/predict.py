@@ -161,7 +161,8 @@ def image_features(backbone, images: Images, size: int, grey: bool, normalize: s
     normalizer = ViewTransform(normalize=normalize).normalizer(backbone)
     out = []
     for batch in tqdm(images.batches(batch_size), total=math.ceil(len(images) / batch_size), unit="batch",
-                      desc=f"{images.name}: {len(images)} images", disable=not progress, file=sys.stderr):
+                      desc=f"{images.name}: {len(images)} images", disable=None if progress else True,
+                      file=sys.stderr):  # None: a bar on a terminal, none in a log file
         out.append(encode_batch(backbone, np.stack([conform(x, size, grey) for x in batch]), normalizer))
     return torch.cat(out).float()
 

@@ -14,13 +14,15 @@ import logging
 from pathlib import Path
 
 from biovlm.attributes import build_records, install_log_redaction
-from biovlm.config import ATTRIBUTES_DIR, describe_profile, load_config, stage_main
+from biovlm.config import ATTRIBUTES_DIR, describe_profile, load_config, stage_description, stage_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.attributes", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default=str(ATTRIBUTES_DIR))
+    ap = argparse.ArgumentParser(prog="python -m stages.attributes", description=stage_description(__doc__))
+    ap.add_argument("--params", default="params.yaml",
+                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
+    ap.add_argument("--out", default=str(ATTRIBUTES_DIR),
+                    help="folder of the per-dataset attribute files (default: %(default)s)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for name in ("httpx", "httpx2", "httpcore"):  # one line per request, holding the URL: not worth a log

@@ -11,14 +11,15 @@ import argparse
 import json
 import time
 
-from biovlm.config import describe_profile, load_config, raw_dir, stage_main
+from biovlm.config import describe_profile, load_config, raw_dir, stage_description, stage_main
 from biovlm.data import SYNTHETIC_MANIFEST, ensure_npz, make_synthetic, npz_path
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.download", description=__doc__.split("\n\n")[0])
-    ap.add_argument("dataset")
-    ap.add_argument("--params", default="params.yaml")
+    ap = argparse.ArgumentParser(prog="python -m stages.download", description=stage_description(__doc__))
+    ap.add_argument("dataset", help="the dataset to download (one of params.yaml datasets)")
+    ap.add_argument("--params", default="params.yaml",
+                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
     if args.dataset not in cfg["datasets"]:

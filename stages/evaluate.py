@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from biovlm.config import METRICS_DIR, RESULTS_DIR, load_config, results_files, stage_main
+from biovlm.config import METRICS_DIR, RESULTS_DIR, load_config, results_files, stage_description, stage_main
 from biovlm.evaluate import (
     base2new_metrics,
     check_finite,
@@ -26,10 +26,13 @@ from biovlm.evaluate import (
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--results", default=str(RESULTS_DIR))
-    ap.add_argument("--out", default=str(METRICS_DIR))
+    ap = argparse.ArgumentParser(prog="python -m stages.evaluate", description=stage_description(__doc__))
+    ap.add_argument("--params", default="params.yaml",
+                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
+    ap.add_argument("--results", default=str(RESULTS_DIR),
+                    help="folder of the results tables (default: %(default)s)")
+    ap.add_argument("--out", default=str(METRICS_DIR),
+                    help="folder of the metrics and plot data (default: %(default)s)")
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
     methods, datasets = cfg["methods"], cfg["datasets"]

@@ -11,12 +11,21 @@ from __future__ import annotations
 import argparse
 import time
 
-from biovlm.config import describe_profile, feature_path, load_config, raw_dir, stage_main, torch_device
+from biovlm.config import (
+    describe_profile,
+    feature_path,
+    load_config,
+    raw_dir,
+    stage_description,
+    stage_main,
+    torch_device,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.features", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
+    ap = argparse.ArgumentParser(prog="python -m stages.features", description=stage_description(__doc__))
+    ap.add_argument("--params", default="params.yaml",
+                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
     ap.add_argument("--dataset", action="append", help="only these datasets (default: all in params.yaml)")
     args = ap.parse_args(argv)
     cfg = load_config(args.params)

@@ -9,16 +9,19 @@ import json
 from pathlib import Path
 
 from biovlm import environment
-from biovlm.config import REPORT_DIR, RESULTS_DIR, load_config, results_files, stage_main
+from biovlm.config import REPORT_DIR, RESULTS_DIR, load_config, results_files, stage_description, stage_main
 from biovlm.evaluate import load_results
 from biovlm.report import write_report
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--results", default=str(RESULTS_DIR))
-    ap.add_argument("--out", default=str(REPORT_DIR))
+    ap = argparse.ArgumentParser(prog="python -m stages.report", description=stage_description(__doc__))
+    ap.add_argument("--params", default="params.yaml",
+                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
+    ap.add_argument("--results", default=str(RESULTS_DIR),
+                    help="folder of the results tables (default: %(default)s)")
+    ap.add_argument("--out", default=str(REPORT_DIR),
+                    help="folder of the report, tables and figures (default: %(default)s)")
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
     df = load_results(results_files(args.results, cfg))

@@ -598,3 +598,27 @@ def test_download_needs_a_dataset_argument(capsys):
         download.main([])
     assert exc.value.code == 2
     assert capsys.readouterr().err.endswith("error: the following arguments are required: dataset\n")
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("name", "stage", "argv"), EVERY_STAGE)
+def test_every_option_of_every_stage_is_described(name, stage, argv, monkeypatch):
+    """`python -m stages.<name> --help`: the command the user types, a plain-text description, help on every option."""
+    import argparse
+
+    seen = []
+
+    def capture(parser, *args, **kwargs):
+        seen.append(parser)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Parsed):
+        stage.main(argv)
+    [parser] = seen
+    assert parser.prog == f"python -m stages.{name}" and parser.description and "``" not in parser.description
+    undocumented = [a.dest for a in parser._actions if not a.help]
+    assert undocumented == []
