@@ -539,6 +539,18 @@ def raw_dir(cfg: Mapping, dataset: str) -> Path:
     return folder / "synthetic" if cfg["data"]["synthetic"] else folder
 
 
+def npz_location(cfg: Mapping, dataset: str):
+    """Where ``dataset``'s npz is read and its arrays extracted (a ``biovlm.data.NpzLocation``): in ``raw_dir``, or
+    for official files also medmnist's flat layout ``<root>/<name>_<size>.npz``, read in place with its arrays
+    extracted into ``data/raw/<dataset>/`` (``biovlm.data.locate_npz``)."""
+    from biovlm.data import NpzLocation, locate_npz, npz_path
+
+    if cfg["data"]["synthetic"]:
+        folder = raw_dir(cfg, dataset)
+        return NpzLocation(npz_path(dataset, cfg["data"]["size"], folder), folder)
+    return locate_npz(dataset, cfg["data"]["size"], cfg["data"]["root"])
+
+
 def dataset_info(cfg: Mapping, dataset: str):
     """The registry entry of ``dataset`` with the prompt names of ``data.class_names`` (default: medmnist's) and the
     attribute wording of ``data.attribute_template`` (default: this project's)."""

@@ -8,6 +8,12 @@ Splits are read from the official ``.npz`` once, streamed member by member into 
 to it (``<root>/.extracted/``), and then opened with ``np.load(mmap_mode="r")``: a 224-px TissueMNIST split
 (8.3 GB for train) is never held in memory. A manifest of the extracted files' sizes and content hashes is checked
 on every read; a deleted, truncated or changed file is re-extracted.
+
+Official files are found in ``<data.root>/<dataset>/`` (where downloads go) or, in medmnist's own flat layout, in
+``<data.root>/`` itself: such a file is read in place (md5-checked, never copied or written to) and its arrays are
+extracted into the project's ``data/raw/<dataset>/`` instead (``locate_npz``). ``BIOVLM_OFFLINE=1`` forbids
+downloads; a file that cannot be had then, or when a download fails, is one error listing every missing or damaged
+file the configuration needs, with its URL and size (``ensure_official``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ from biovlm import storage
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
 SYNTHETIC_MANIFEST = "SYNTHETIC.json"
+# Set to 1 (or true, yes, on) to forbid downloads, as HF_HUB_OFFLINE does for the backbone (biovlm/hub.py).
+OFFLINE_ENV = "BIOVLM_OFFLINE"
+# The project's per-dataset folders (relative to the repository root; dvc.yaml's download outs): where the arrays of
+# a file read in place from medmnist's flat layout are extracted.
+RAW_DIR = Path("data/raw")
 ARRAYS = tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "labels"))
 # The extracted cache (<root>/.extracted/<npz stem>/) holds one .npy per array and this manifest: the npz it came
 # from (name, size, mtime) and each file's size and content hash, checked on every read. Files up to
@@ -289,7 +300,62 @@ class ChecksumError(ValueError):
     """A data file is present but is not the file the benchmark expects."""
 
 
-def _expected_md5(name: str, size: int, path: Path) -> tuple[str, str]:
+class DownloadError(RuntimeError):
+    """Downloading an official file failed (no network, HTTP error, bad checksum); ``reason`` says how."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class DataUnavailableError(FileNotFoundError):
+    """Official files the configuration needs are missing or damaged and cannot be downloaded."""
+
+
+def offline() -> bool:
+    """Whether ``BIOVLM_OFFLINE`` forbids downloads (1, true, yes or on)."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def extracted_bytes(name: str, size: int) -> int:
+    """Disk the arrays of ``name`` at ``size`` take once extracted (uint8 images and labels, split sizes from
+    ``medmnist.INFO``). The npz itself is compressed and somewhat smaller; its exact size is only on the server."""
+    info = get_dataset(name)
+    _check_size(size)
+    pixels = size * size * info.n_channels
+    total = 0
+    for n in info.n_samples.values():
+        total += len(_npy_header((n, size, size), np.dtype(np.uint8))) + n * pixels
+        total += len(_npy_header((n, 1), np.dtype(np.uint8))) + n
+    return total
+
+
+@dataclass(frozen=True)
+class NpzLocation:
+    """Where one dataset's npz is read (``npz``) and where its arrays are extracted (``cache``/.extracted/)."""
+
+    npz: Path
+    cache: Path
+    in_place: bool = False  # read from medmnist's flat layout: nothing is ever written beside it
+
+
+def locate_npz(name: str, size: int, root: str | Path, cache_root: str | Path = RAW_DIR) -> NpzLocation:
+    """Where the official npz of ``name`` at ``size`` is for ``data.root`` = ``root``.
+
+    ``<root>/<name>/<file>`` (the project's layout, where a download goes) when it exists or nothing else does; else
+    ``<root>/<file>`` (medmnist's own flat layout, e.g. ``~/.medmnist``) when that exists: it is read in place and its
+    arrays are extracted into ``<cache_root>/<name>/`` (the project's folder), so a shared or read-only MedMNIST folder
+    is never written to. A leading ``~`` in ``root`` is the user's home.
+    """
+    root = Path(root).expanduser()
+    own = npz_path(name, size, root / name)
+    flat = npz_path(name, size, root)
+    if not own.exists() and flat.exists():
+        return NpzLocation(flat, Path(cache_root) / name, in_place=True)
+    return NpzLocation(own, own.parent)
+
+
+def expected_md5(name: str, size: int, path: Path) -> tuple[str, str]:
     """(md5, where it comes from): a synthetic twin's manifest in that folder, else the official INFO entry."""
     manifest = path.parent / SYNTHETIC_MANIFEST
     if manifest.exists():
@@ -300,14 +366,15 @@ def _expected_md5(name: str, size: int, path: Path) -> tuple[str, str]:
 
 
 def ensure_npz(name: str, size: int = 28, root: str | Path = "data/raw", download: bool = True) -> Path:
-    """Return the md5-verified npz of ``name`` at ``size``, downloading it through medmnist when missing.
+    """Return the md5-verified npz of ``name`` at ``size``, downloading it through medmnist when missing (unless
+    ``download`` is False or ``BIOVLM_OFFLINE`` is set).
 
     A present file with the wrong md5 is refused, never used or overwritten: re-saved copies with the same images
     but other labels circulate publicly.
     """
     path = npz_path(name, size, root)
     if path.exists():
-        expected, source = _expected_md5(name, size, path)
+        expected, source = expected_md5(name, size, path)
         actual = file_md5(path)
         if actual != expected:
             raise ChecksumError(
@@ -319,8 +386,54 @@ def ensure_npz(name: str, size: int = 28, root: str | Path = "data/raw", downloa
     url, _ = official_source(name, size)
     if not download:
         raise FileNotFoundError(f"{path} is missing; download it from {url} (or allow downloading)")
+    if offline():
+        raise FileNotFoundError(f"{path} is missing and {OFFLINE_ENV} is set; download it from {url} on a connected "
+                                f"machine and put it there (or unset {OFFLINE_ENV})")
     _download_with_medmnist(name, size, Path(root), url)
     return ensure_npz(name, size, root, download=False)
+
+
+def ensure_official(name: str, size: int, root: str | Path, names: Sequence[str]) -> NpzLocation:
+    """The md5-verified official npz of ``name`` for ``data.root`` = ``root`` (see ``locate_npz``), downloaded when
+    missing. ``names`` are all the datasets the configuration needs: when the file cannot be had (``BIOVLM_OFFLINE``
+    set, or the download fails), one ``DataUnavailableError`` lists every one of them that is missing or damaged,
+    each with its URL and size, and says where to put them."""
+    names = list(names) if name in names else [*names, name]
+    where = locate_npz(name, size, root)
+    try:
+        ensure_npz(name, size, where.npz.parent, download=True)
+    except DownloadError as error:
+        raise _unavailable(names, size, root, f"downloading {where.npz.name} failed: {error.reason}") from error
+    except FileNotFoundError as error:
+        if not offline():
+            raise
+        raise _unavailable(names, size, root, f"{OFFLINE_ENV} is set") from error
+    return where
+
+
+def _unavailable(names: Sequence[str], size: int, root: str | Path, why: str) -> DataUnavailableError:
+    """The error that lists every file of ``names`` that is missing or fails its md5 check (present files are
+    hashed at about 0.7 GB/s: a minute or so for all eleven 224-px files), one line each."""
+    rows, total = [], 0
+    for name in names:
+        path = locate_npz(name, size, root).npz
+        if not path.exists():
+            status, note = "missing", ""
+        elif (actual := file_md5(path)) != (expected := expected_md5(name, size, path)[0]):
+            status, note = "corrupt", f"  ({path}: md5 {actual}, expected {expected}; delete or replace it)"
+        else:
+            continue
+        total += (nbytes := extracted_bytes(name, size))
+        rows.append((path.name, status, storage.readable(nbytes), official_source(name, size)[0], note))
+    width = max(len(row[0]) for row in rows)
+    lines = [f"  {file:<{width}}  {status}  {nbytes:>8}  {url}{note}" for file, status, nbytes, url, note in rows]
+    root = Path(root).expanduser()
+    return DataUnavailableError(
+        f"{len(rows)} of {len(names)} MedMNIST files this configuration needs at {size} px are missing or damaged and "
+        f"cannot be downloaded ({why}): on a connected machine, download each from its URL below into "
+        f"{root / '<dataset>'}/ or, in medmnist's own flat layout, into {root}/ (data.root may point at an existing "
+        f"MedMNIST folder such as ~/.medmnist), then rerun. Sizes are of the arrays once extracted "
+        f"({storage.readable(total)} in all; the compressed npz files are smaller):\n" + "\n".join(lines))
 
 
 def _download_with_medmnist(name: str, size: int, root: Path, url: str) -> None:
@@ -335,17 +448,19 @@ def _download_with_medmnist(name: str, size: int, root: Path, url: str) -> None:
         cause = error
         while cause.__context__ is not None:  # medmnist wraps the real failure in a generic message
             cause = cause.__context__
-        raise RuntimeError(
-            f"could not download {npz_path(name, size, root).name} from {url} ({type(cause).__name__}: {cause}). "
-            f"Without network access, fetch that file elsewhere and place it at {npz_path(name, size, root)}."
+        reason = f"{type(cause).__name__}: {cause}"
+        raise DownloadError(
+            f"could not download {npz_path(name, size, root).name} from {url} ({reason}). Without network access, "
+            f"fetch that file elsewhere and place it at {npz_path(name, size, root)}.", reason[:200]
         ) from error
 
 
 # ---------------------------------------------------------------------------------------------- split access
 
 
-def _extracted_dir(path: Path) -> Path:
-    return path.parent / ".extracted" / path.stem
+def _extracted_dir(path: Path, cache: str | Path | None = None) -> Path:
+    """``<cache>/.extracted/<npz stem>/``; ``cache`` defaults to the npz's own folder."""
+    return Path(path.parent if cache is None else cache) / ".extracted" / path.stem
 
 
 def _read_member_header(member, key: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -439,11 +554,11 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
                          f"writing {EXTRACTED_MANIFEST}")
 
 
-def _extract(path: Path, keys: tuple[str, ...] = ARRAYS) -> Path:
-    """Extract the arrays ``keys`` of ``path`` (every array when the npz is not the manifest's source), recording
-    each in the manifest as soon as it is complete. The files being replaced are deleted first: they are stale or
-    damaged, and their space is needed."""
-    folder = _extracted_dir(path)
+def _extract(path: Path, keys: tuple[str, ...] = ARRAYS, cache: str | Path | None = None) -> Path:
+    """Extract the arrays ``keys`` of ``path`` into ``_extracted_dir(path, cache)`` (every array when the npz is not
+    the manifest's source), recording each in the manifest as soon as it is complete. The files being replaced are
+    deleted first: they are stale or damaged, and their space is needed."""
+    folder = _extracted_dir(path, cache)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(folder)
     if manifest is None or manifest["source"] != _source_stamp(path):
@@ -474,9 +589,12 @@ def _extract(path: Path, keys: tuple[str, ...] = ARRAYS) -> Path:
 
 
 def load_split(
-    name: str, split: str, size: int = 28, root: str | Path = "data/raw", download: bool = False
+    name: str, split: str, size: int = 28, root: str | Path = "data/raw", download: bool = False,
+    cache: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images (uint8 ``[N,H,W]`` or ``[N,H,W,3]``, memory-mapped) and labels (int64 ``[N]``) of one split.
+    """Images (uint8 ``[N,H,W]`` or ``[N,H,W,3]``, memory-mapped) and labels (int64 ``[N]``) of one split of the npz
+    in ``root``, extracted into ``<cache>/.extracted/`` (default: ``root``; see ``locate_npz`` for a file read in
+    place).
 
     The split's extracted files are checked against the extraction manifest on every read and re-extracted (with a
     one-line notice on stderr) when they are missing, truncated or changed.
@@ -485,12 +603,12 @@ def load_split(
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     info = get_dataset(name)
     path = npz_path(name, size, root)
-    folder = _extracted_dir(path)
+    folder = _extracted_dir(path, cache)
     manifest = _read_manifest(folder)
     # Verify the md5 only when the file is new or changed: hashing a multi-GB file on every read would dominate.
     if not path.exists() or manifest is None or manifest["source"] != _source_stamp(path):
         ensure_npz(name, size, root, download=download)
-        _extract(path)
+        _extract(path, cache=cache)
     else:
         keys = (f"{split}_images", f"{split}_labels")
         damaged = {key: why for key in keys if (why := _damage(folder / f"{key}.npy", manifest["arrays"].get(key)))}
@@ -498,7 +616,7 @@ def load_split(
             print(f"biovlm: {'; '.join(f'{folder / key}.npy {why}' for key, why in damaged.items())}: re-extracting "
                   f"from {path}", file=sys.stderr, flush=True)
             ensure_npz(name, size, root, download=False)  # the npz may have suffered too
-            _extract(path, tuple(damaged))
+            _extract(path, tuple(damaged), cache)
     images = np.load(folder / f"{split}_images.npy", mmap_mode="r")
     labels = np.load(folder / f"{split}_labels.npy").reshape(-1).astype(np.int64)
     expected_ndim = 3 if info.n_channels == 1 else 4

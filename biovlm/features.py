@@ -245,8 +245,9 @@ def _file_bytes(n_test: int, n_val: int, n_val_split: int, n_train: int, n_pool:
 
 def extract_features(dataset: str, backbone, *, root: str | Path, size: int, views: int, seeds: Sequence[int],
                      max_shots: int = 16, batch_size: int = 64, out: str | Path, seed: int = 0,
-                     transform: ViewTransform = ViewTransform()) -> Path:
-    """Compute and store the features of ``dataset`` (see the module docstring); returns ``out``."""
+                     transform: ViewTransform = ViewTransform(), cache: str | Path | None = None) -> Path:
+    """Compute and store the features of ``dataset`` (see the module docstring); returns ``out``. The npz is read
+    from ``root``, its arrays extracted into ``cache`` (default ``root``; see ``data.load_split``)."""
     from safetensors.torch import save_file
 
     info = data.get_dataset(dataset)
@@ -254,13 +255,13 @@ def extract_features(dataset: str, backbone, *, root: str | Path, size: int, vie
         raise ValueError(f"features.views must be at least 1, got {views}")
     seeds = [int(s) for s in seeds]
     normalize = transform.normalizer(backbone)
-    train_images, train_labels = data.load_split(dataset, "train", size, root)
-    val_images, val_labels = data.load_split(dataset, "val", size, root)
+    train_images, train_labels = data.load_split(dataset, "train", size, root, cache=cache)
+    val_images, val_labels = data.load_split(dataset, "val", size, root, cache=cache)
     too_many = f"features.max_shots (the feature pool holds that many per class; {dataset}'s train split is smaller)"
     pool = _union([sampling.few_shot_indices(train_labels, max_shots, s, knob=too_many) for s in seeds])
     val = _union([sampling.val_shot_indices(val_labels, max_shots, s) for s in seeds])
 
-    test_images, test_labels = data.load_split(dataset, "test", size, root)
+    test_images, test_labels = data.load_split(dataset, "test", size, root, cache=cache)
     out = Path(out)
     storage.remove_stale_temporaries(out.parent, recursive=False)
     storage.check_free(out.parent, _file_bytes(len(test_labels), len(val), len(val_labels), len(train_labels),

@@ -117,16 +117,16 @@ def npz_images(path: str | Path, split: str = "test") -> Images:
 def split_images(params: str | Path, dataset: str, split: str = "test") -> Images:
     """Split ``split`` of ``dataset`` where ``params`` (a params.yaml) keeps it (``data.root``, ``data.size``,
     ``data.synthetic``), as the download stage left it."""
-    from biovlm.config import load_config, raw_dir
+    from biovlm.config import load_config, npz_location
 
     _check_split(split)
     data.get_dataset(dataset)  # an unknown name fails here, naming the valid ones
     cfg = load_config(params)
-    folder = raw_dir(cfg, dataset)
-    if not data.npz_path(dataset, cfg["data"]["size"], folder).exists():
-        raise FileNotFoundError(f"{data.npz_path(dataset, cfg['data']['size'], folder)} does not exist; run the "
-                                f"download stage first (dvc repro download@{dataset}) or give the file with --npz")
-    images, labels = data.load_split(dataset, split, cfg["data"]["size"], folder)
+    where = npz_location(cfg, dataset)
+    if not where.npz.exists():
+        raise FileNotFoundError(f"{where.npz} does not exist; run the download stage first (dvc repro "
+                                f"download@{dataset}) or give the file with --npz")
+    images, labels = data.load_split(dataset, split, cfg["data"]["size"], where.npz.parent, cache=where.cache)
     return _array_images(f"{dataset}-{split}", images, labels)
 
 

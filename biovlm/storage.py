@@ -44,10 +44,16 @@ class DiskFullError(OSError, RuntimeError):
 def amount(nbytes: int) -> str:
     """``1,234,567 bytes (1.2 MB)``: exact, and readable at a glance."""
     exact = f"{nbytes:,} bytes"
+    short = readable(nbytes)
+    return exact if short == exact else f"{exact} ({short})"
+
+
+def readable(nbytes: int) -> str:
+    """``1.2 MB``: in the largest decimal unit that keeps the number at least 1 (``999 bytes`` below 1 kB)."""
     for power, unit in ((4, "TB"), (3, "GB"), (2, "MB"), (1, "kB")):
         if nbytes >= 1000**power:
-            return f"{exact} ({nbytes / 1000**power:.1f} {unit})"
-    return exact
+            return f"{nbytes / 1000**power:.1f} {unit}"
+    return f"{nbytes:,} bytes"
 
 
 def free_bytes(folder: str | Path) -> int:

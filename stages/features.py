@@ -15,7 +15,7 @@ from biovlm.config import (
     describe_profile,
     feature_path,
     load_config,
-    raw_dir,
+    npz_location,
     stage_description,
     stage_main,
     torch_device,
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{unknown} not in params.yaml datasets ({', '.join(cfg['datasets'])})")
     b, f = cfg["backbone"], cfg["features"]
     print(f"features: {describe_profile(cfg)}; backbone {b['name']}, {cfg['data']['size']} px, {f['views']} views")
-    missing = [str(raw_dir(cfg, ds)) for ds in datasets if not raw_dir(cfg, ds).exists()]
+    where = {ds: npz_location(cfg, ds) for ds in datasets}
+    missing = [str(where[ds].npz.parent) for ds in datasets if not where[ds].npz.exists()]
     if missing:
         raise FileNotFoundError(f"no data in {', '.join(missing)}: run the download stages first (dvc repro)")
 
@@ -49,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         t1 = time.perf_counter()
         out = feature_path(ds)
         out.parent.mkdir(parents=True, exist_ok=True)
-        extract_features(ds, backbone, root=raw_dir(cfg, ds), size=cfg["data"]["size"], views=f["views"],
+        extract_features(ds, backbone, root=where[ds].npz.parent, size=cfg["data"]["size"], views=f["views"],
                          seeds=list(cfg["seeds"]), max_shots=f["max_shots"], batch_size=f["batch_size"], out=out,
-                         seed=f["seed"], transform=ViewTransform.from_config(f))
+                         seed=f["seed"], transform=ViewTransform.from_config(f), cache=where[ds].cache)
         print(f"  {ds}: {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t1:.1f} s)")
 
 

@@ -62,6 +62,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and mtime: what must not change when a folder is read in place."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
 @pytest.fixture
 def official_breastmnist(tmp_path: Path) -> Path:
     """A writable folder holding copies of the official BreastMNIST files (28 and 64 px); skips without them."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import listing
 
 from biovlm import data
 from biovlm.data import (
@@ -134,6 +135,140 @@ def test_bad_size_and_split_are_named(tmp_path):
         ensure_npz("breastmnist", 32, tmp_path)
     with pytest.raises(ValueError, match="unknown split 'valid'"):
         load_split("breastmnist", "valid", root=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- offline and in place
+@pytest.fixture
+def official_twin(monkeypatch):
+    """``make(name, size, folder)``: a small synthetic twin saved as if it were the official file: without its
+    SYNTHETIC.json, its md5 standing in for medmnist.INFO's (the URL stays the official one)."""
+    md5s: dict[tuple[str, int], str] = {}
+    official = data.official_source
+    monkeypatch.setattr(data, "official_source",
+                        lambda name, size: (official(name, size)[0], md5s.get((name, size), official(name, size)[1])))
+
+    def make(name: str, size: int, folder: Path) -> Path:
+        path = make_synthetic(name, size, 12, seed=0, root=folder)
+        (folder / data.SYNTHETIC_MANIFEST).unlink()
+        md5s[(name, size)] = data.file_md5(path)
+        return path
+
+    return make
+
+
+NEEDED = ["pathmnist", "breastmnist", "bloodmnist", "organamnist", "octmnist"]
+
+
+def test_offline_one_error_lists_every_missing_or_corrupt_file_with_url_and_size(official_twin, tmp_path,
+                                                                                  monkeypatch):
+    """BIOVLM_OFFLINE=1: nothing is downloaded; the error lists every configured file that is missing or damaged
+    (wherever it lies: per-dataset folder or flat layout), not only the one asked for, and skips the good ones."""
+    monkeypatch.setenv("BIOVLM_OFFLINE", "1")
+    monkeypatch.setattr(data, "_download_with_medmnist", lambda *a: pytest.fail("no download expected offline"))
+    root = tmp_path / "raw"
+    official_twin("breastmnist", 224, root / "breastmnist")  # good, per-dataset folder
+    official_twin("bloodmnist", 224, root)  # good, flat layout
+    corrupt = official_twin("organamnist", 224, root / "organamnist")
+    corrupt.write_bytes(corrupt.read_bytes()[:-1] + b"x")
+    with pytest.raises(data.DataUnavailableError) as error:
+        data.ensure_official("octmnist", 224, root, NEEDED)
+    header, *lines = str(error.value).split("\n")
+    missing = data.extracted_bytes("pathmnist", 224) + data.extracted_bytes("organamnist", 224) + \
+        data.extracted_bytes("octmnist", 224)
+    assert header == (
+        f"3 of 5 MedMNIST files this configuration needs at 224 px are missing or damaged and cannot be downloaded "
+        f"(BIOVLM_OFFLINE is set): on a connected machine, download each from its URL below into {root}/<dataset>/ "
+        f"or, in medmnist's own flat layout, into {root}/ (data.root may point at an existing MedMNIST folder such "
+        f"as ~/.medmnist), then rerun. Sizes are of the arrays once extracted ({missing / 1e9:.1f} GB in all; the "
+        f"compressed npz files are smaller):")
+    url = "https://zenodo.org/records/10519652/files/{}_224.npz?download=1"
+    assert lines[0] == f"  pathmnist_224.npz    missing   16.1 GB  {url.format('pathmnist')}"
+    assert lines[1].startswith(f"  organamnist_224.npz  corrupt    3.0 GB  {url.format('organamnist')}  ("
+                               f"{corrupt}: md5 {data.file_md5(corrupt)}, expected ")
+    assert lines[1].endswith("; delete or replace it)")
+    assert lines[2] == f"  octmnist_224.npz     missing    5.5 GB  {url.format('octmnist')}"
+    assert len(lines) == 3
+
+
+def test_a_failed_download_lists_every_missing_file(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    def unreachable(url, root, filename, md5):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", unreachable)
+    with pytest.raises(data.DataUnavailableError) as error:
+        data.ensure_official("breastmnist", 28, tmp_path, ["breastmnist", "pneumoniamnist"])
+    header, *lines = str(error.value).split("\n")
+    assert header.startswith("2 of 2 MedMNIST files this configuration needs at 28 px are missing or damaged and "
+                             "cannot be downloaded (downloading breastmnist.npz failed: ")
+    assert "network unreachable" in header
+    assert [line.split()[:2] for line in lines] == [["breastmnist.npz", "missing"], ["pneumoniamnist.npz", "missing"]]
+
+
+def test_extracted_bytes_are_those_of_the_official_arrays():
+    """Measured on the official BreastMNIST files: 612,300 and 3,195,660 bytes of arrays, plus six 128-byte .npy
+    headers."""
+    assert data.extracted_bytes("breastmnist", 28) == 612_300 + 6 * 128
+    assert data.extracted_bytes("breastmnist", 64) == 3_195_660 + 6 * 128
+    assert 43e9 < sum(data.extracted_bytes(name, 224) for name in DATASETS) < 44e9  # docs: "about 44 GB"
+
+
+@pytest.mark.parametrize(("size", "file"), [(28, "bloodmnist.npz"), (64, "bloodmnist_64.npz")])
+def test_flat_layout_is_read_in_place_and_extracted_elsewhere(official_twin, tmp_path, size, file):
+    """medmnist's own folder (<root>/<name>.npz at 28 px, <name>_<size>.npz above): md5-checked and read where it
+    is; its arrays go to the cache folder; nothing is copied or written into the folder."""
+    flat = tmp_path / "medmnist"
+    twin = official_twin("bloodmnist", size, flat)
+    assert twin.name == file
+    flat.chmod(0o555)  # read-only (the tests may run as root, so the listing below is the real check)
+    before = listing(flat)
+    where = data.locate_npz("bloodmnist", size, flat, cache_root=tmp_path / "project")
+    assert where == data.NpzLocation(flat / file, tmp_path / "project" / "bloodmnist", in_place=True)
+    assert data.ensure_official("bloodmnist", size, flat, ["bloodmnist"]).npz == flat / file
+    images, labels = load_split("bloodmnist", "val", size, flat, cache=where.cache)
+    with np.load(twin) as raw:
+        np.testing.assert_array_equal(images, raw["val_images"])
+        np.testing.assert_array_equal(labels, raw["val_labels"].reshape(-1))
+    assert listing(flat) == before
+    assert (where.cache / ".extracted" / twin.stem / "val_images.npy").exists()
+    flat.chmod(0o755)
+
+
+def test_the_dataset_folder_takes_precedence_over_the_flat_layout(official_twin, tmp_path):
+    official_twin("bloodmnist", 28, tmp_path)
+    own = official_twin("bloodmnist", 28, tmp_path / "bloodmnist")
+    assert data.locate_npz("bloodmnist", 28, tmp_path) == data.NpzLocation(own, own.parent)
+    # neither present: the dataset's folder, where a download goes
+    assert data.locate_npz("pathmnist", 224, tmp_path).npz == tmp_path / "pathmnist" / "pathmnist_224.npz"
+
+
+def test_a_flat_file_with_the_wrong_md5_is_refused_and_nothing_extracted(official_twin, tmp_path):
+    flat = tmp_path / "medmnist"
+    twin = official_twin("bloodmnist", 28, flat)
+    twin.write_bytes(twin.read_bytes()[:-1] + b"x")
+    before = listing(flat)
+    with pytest.raises(ChecksumError, match=rf"^{re.escape(str(twin))}: md5 {data.file_md5(twin)} does not match "
+                                            rf"the expected [0-9a-f]{{32}} \(medmnist\.INFO\)\. The file is not the "
+                                            rf"official one \(or is damaged\)\. Delete it"):
+        data.ensure_official("bloodmnist", 28, flat, ["bloodmnist"])
+    where = data.locate_npz("bloodmnist", 28, flat, cache_root=tmp_path / "project")
+    with pytest.raises(ChecksumError):
+        load_split("bloodmnist", "train", 28, flat, cache=where.cache)
+    assert listing(flat) == before and not (tmp_path / "project").exists()
+
+
+def test_official_breastmnist_is_used_in_place(official_breastmnist, tmp_path):
+    """The real files, md5-checked against medmnist.INFO itself, read from a flat folder."""
+    before = listing(official_breastmnist)
+    for size in (28, 64):
+        where = data.ensure_official("breastmnist", size, official_breastmnist, ["breastmnist"])
+        assert where.in_place and where.npz.parent == official_breastmnist
+        images, labels = load_split("breastmnist", "test", size, where.npz.parent, cache=tmp_path / "cache")
+        assert images.shape == (156, size, size) and np.bincount(labels).tolist() == [42, 114]
+    assert listing(official_breastmnist) == before
+    extracted = tmp_path / "cache" / ".extracted" / "breastmnist"
+    assert sum(f.stat().st_size for f in extracted.glob("*.npy")) == data.extracted_bytes("breastmnist", 28)
 
 
 @pytest.mark.parametrize("size", [28, 64])

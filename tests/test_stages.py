@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import COMMITTED_PARAMS
+from conftest import COMMITTED_PARAMS, listing
 
 from biovlm.config import compose, set_dotted, stage_main
 from biovlm.evaluate import RESULT_COLUMNS
@@ -147,6 +147,61 @@ def test_download_of_the_paper_profile_verifies_a_present_official_file(official
     err = stage_error(capsys, "download", download.main, ["breastmnist"])
     assert err.startswith("download: error: data/raw/breastmnist/breastmnist.npz: md5 ")
     assert "does not match the expected" in err and "Delete it and rerun to download the official file" in err
+
+
+def test_download_offline_lists_every_file_the_configuration_lacks(tmp_path, monkeypatch, capsys):
+    """The first download@ stage that cannot get its file prints the whole list (header, then a line per file)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BIOVLM_OFFLINE", "1")
+    write_params(tmp_path / "params.yaml", profile="paper", **{"fewshot.shots": [1, 2], "data.size": 28})
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        stage_main("download", download.main, ["bloodmnist"])
+    assert exc.value.code == 1
+    header, *lines = capsys.readouterr().err.rstrip("\n").split("\n")
+    assert header.startswith("download: error: 2 of 2 MedMNIST files this configuration needs at 28 px are missing "
+                             "or damaged and cannot be downloaded (BIOVLM_OFFLINE is set): on a connected machine, "
+                             "download each from its URL below into data/raw/<dataset>/ or, in medmnist's own flat "
+                             "layout, into data/raw/ ")
+    assert lines == [
+        "  breastmnist.npz  missing  613.1 kB  https://zenodo.org/records/10519652/files/breastmnist.npz?download=1",
+        "  bloodmnist.npz   missing   40.2 MB  https://zenodo.org/records/10519652/files/bloodmnist.npz?download=1"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_download_uses_a_medmnist_folder_in_place_and_later_stages_read_it(official_breastmnist, tmp_path,
+                                                                           monkeypatch, capsys):
+    """data.root pointing at medmnist's own flat folder: the file there is verified and read where it is (nothing
+    copied or written there); data/raw/breastmnist/ (the DVC output) records it and holds the extracted arrays."""
+    import biovlm.data
+    from biovlm.predict import split_images
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BIOVLM_OFFLINE", "1")
+    before = listing(official_breastmnist)
+    params = write_params(tmp_path / "params.yaml", profile="paper",
+                          **{"fewshot.shots": [1, 2], "data.size": 28, "data.root": str(official_breastmnist),
+                             "backbone.name": "tiny", "features.views": 1})
+    capsys.readouterr()
+    download.main(["breastmnist"])
+    assert capsys.readouterr().out.startswith(
+        f"download breastmnist: profile 'paper'; official file, read in place (arrays extracted into "
+        f"data/raw/breastmnist/.extracted/), {official_breastmnist / 'breastmnist.npz'} (0.6 MB, ")
+    assert json.loads((tmp_path / "data" / "raw" / "breastmnist" / "IN_PLACE.json").read_text()) == {
+        "file": str(official_breastmnist / "breastmnist.npz"), "bytes": 559_580,
+        "md5": biovlm.data.official_source("breastmnist", 28)[1]}
+    features.main(["--dataset", "breastmnist"])
+    assert (tmp_path / "features" / "breastmnist.safetensors").exists()
+    assert len(split_images(params, "breastmnist", "test")) == 156
+    assert listing(official_breastmnist) == before
+    assert (tmp_path / "data" / "raw" / "breastmnist" / ".extracted" / "breastmnist" / "manifest.json").exists()
+
+    # the file copied into the dataset's folder takes precedence: the record of the in-place file goes
+    shutil.copyfile(official_breastmnist / "breastmnist.npz", tmp_path / "breastmnist.npz")
+    write_params(params, profile="paper", **{"fewshot.shots": [1, 2], "data.size": 28})
+    (tmp_path / "breastmnist.npz").rename(tmp_path / "data" / "raw" / "breastmnist" / "breastmnist.npz")
+    download.main(["breastmnist"])
+    assert not (tmp_path / "data" / "raw" / "breastmnist" / "IN_PLACE.json").exists()
 
 
 def test_attributes_writes_the_curated_record_of_every_configured_dataset(built):
