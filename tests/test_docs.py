@@ -129,3 +129,10 @@ def test_no_file_holds_a_merge_conflict_marker():
     marked = [f for f in files if (ROOT / f).is_file() and (ROOT / f).suffix in (".md", ".py", ".yaml", ".yml", ".toml")
               and re.search(r"^(<{7} |>{7} |={7}$)", (ROOT / f).read_text(errors="replace"), re.M)]
     assert marked == []
+
+
+def test_the_readmes_disk_figure_is_what_the_data_registry_computes():
+    from biovlm import data
+
+    total = sum(data.extracted_bytes(name, 224) for name in data.DATASETS) / 1e9
+    assert f"{total:.1f} GB of arrays once extracted" in (ROOT / "README.md").read_text()
