@@ -163,7 +163,7 @@ def test_dvc_fewshot_curve_draws_the_std_as_error_bars():
                      {"method": "coop", "shots": "16", "accuracy": "70.0", "std": "1.0"}])
     assert spec["data"]["values"][0]["std"] == "2.5" and spec["data"]["format"]["parse"]["std"] == "number"
     layers = {layer["mark"]["type"]: layer for layer in spec["layer"]}
-    assert set(layers) == {"line", "errorbar"}
+    assert set(layers) == {"line", "errorbar", "text"}
     assert spec["encoding"]["y"]["field"] == "accuracy" and layers["errorbar"]["encoding"]["yError"] == {"field": "std"}
 
 
@@ -172,7 +172,20 @@ def test_dvc_crossdata_heatmap_writes_values_in_cells_and_outlines_the_in_domain
                     [{"method": "coop", "source": "pathmnist", "target": t, "accuracy": "60.0"}
                      for t in ("pathmnist", "bloodmnist")])
     layers = spec["spec"]["layer"]
-    assert [layer["mark"]["type"] for layer in layers] == ["rect", "text", "rect"]
+    assert [layer["mark"]["type"] for layer in layers] == ["rect", "text", "rect", "text"]
     assert layers[1]["encoding"]["text"]["field"] == "accuracy"
     assert layers[2]["transform"] == [{"filter": "datum.target == datum.source"}]
     assert spec["facet"]["row"]["field"] == "method" and spec["facet"]["column"]["field"] == "rev"
+
+
+@pytest.mark.parametrize("path", ["metrics/plots/fewshot_curve.csv", "metrics/plots/crossdata.csv"])
+def test_dvc_plots_of_synthetic_twins_say_so(path):
+    """The evaluate stage writes a `data` column; each template draws the marker from rows whose data is synthetic
+    (one text, aggregated), and nothing from official data."""
+    spec = dvc_plot(path, [{"method": "coop", "shots": "1", "accuracy": "50.0", "std": "1.0", "source": "pathmnist",
+                            "target": "pathmnist", "data": "synthetic"}])
+    layers = spec["layer"] if "layer" in spec else spec["spec"]["layer"]
+    synthetic = "datum.data === 'synthetic'"
+    [marker] = [layer for layer in layers if layer.get("transform", [{}])[0].get("filter") == synthetic]
+    assert marker["mark"]["type"] == "text" and marker["encoding"]["text"]["value"].startswith("SYNTHETIC DATA")
+    assert marker["transform"][1] == {"aggregate": [{"op": "count", "as": "n"}]}  # one marker, not one per point

@@ -544,12 +544,12 @@ def test_evaluate_writes_the_hand_computed_metrics(results_dir, capsys):
     assert crossdata["coop"]["average"]["in_domain"]["accuracy"] == {"mean": 75.0, "std": 5.0}
     curve = pd.read_csv(metrics / "plots" / "fewshot_curve.csv")
     assert curve.to_dict("records") == [
-        {"method": "zeroshot", "shots": 1, "accuracy": 35.0, "std": 0.0},
-        {"method": "zeroshot", "shots": 2, "accuracy": 35.0, "std": 0.0},
-        {"method": "coop", "shots": 1, "accuracy": 36.0, "std": 1.0},
-        {"method": "coop", "shots": 2, "accuracy": 75.0, "std": 5.0}]
+        {"method": "zeroshot", "shots": 1, "accuracy": 35.0, "std": 0.0, "data": "synthetic"},
+        {"method": "zeroshot", "shots": 2, "accuracy": 35.0, "std": 0.0, "data": "synthetic"},
+        {"method": "coop", "shots": 1, "accuracy": 36.0, "std": 1.0, "data": "synthetic"},
+        {"method": "coop", "shots": 2, "accuracy": 75.0, "std": 5.0, "data": "synthetic"}]  # the demo's twins
     matrix = pd.read_csv(metrics / "plots" / "crossdata.csv")
-    assert list(matrix.columns) == ["method", "source", "target", "accuracy"]
+    assert list(matrix.columns) == ["method", "source", "target", "accuracy", "data"]
     assert matrix[matrix.method == "coop"].accuracy.tolist() == [65.0, 30.0, 50.0, 85.0]  # params.yaml's order
 
 
