@@ -426,7 +426,8 @@ def test_every_bad_input_is_one_line_with_exit_code_2(trained, synthetic_root, c
 
 
 def test_the_command_runs_as_a_module_and_documents_every_option(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "biovlm.predict", "missing.pt", "--images", "scans"], cwd=tmp_path,
+    # from the checkout's root, as a user runs it (and as mutmut's copy must: its mutated modules find their code there)
+    proc = subprocess.run([sys.executable, "-m", "biovlm.predict", "missing.pt", "--images", "scans"], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("predict: error: checkpoint missing.pt does not exist; give a run file of the train stage "
