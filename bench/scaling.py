@@ -34,10 +34,10 @@ WORKERS = (1, 2, 4, 8, 16)
 
 def prepare(work: Path) -> dict:
     """The demo's inputs, by the real stages, in ``work``; returns the demo configuration."""
-    from biovlm.config import load_config
+    from biovlm.config import compose_text, load_config
 
     params = work / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text().replace("\nprofile: paper", "\nprofile: demo", 1))
+    params.write_text(compose_text("demo", REPO / "conf"))  # what `dvc exp run -S profile=demo` writes
     cfg = load_config(params)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     commands = [["download", ds] for ds in cfg["datasets"]] + [["attributes"], ["features"], ["filter"]]
