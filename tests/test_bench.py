@@ -150,3 +150,30 @@ def test_demo_learning_reads_every_results_file(demo_bench, tmp_path):
         "coop gains 5.0 points from K=1 to K=16 on average (>= 2)": True,
         "biovlm at K=1 10.0 points above zero-shot on average (>= 5)": True,
         "biovlm at K=16 -1.0 points from K=1 on average (>= -2)": True}
+
+
+@pytest.fixture(scope="module")
+def scaling():
+    yield from _bench_module("scaling")
+
+
+def test_scaling_projects_the_grid_from_the_measured_costs(scaling):
+    estimate = {"features_h": 10.0, "train_eval_h": 100.0,
+                "per_method": {"coop": {"runs": 10, "train_h": 4.0, "validation_h": 0.5, "evaluation_h": 0.5},
+                               "zeroshot": {"runs": 10, "train_h": 0.0, "validation_h": 0.0, "evaluation_h": 1.0}}}
+    rows = {r["workers"]: r for r in scaling.project(estimate, efficiency=0.8)}
+    assert rows[1] == {"workers": 1, "train_eval_h": 100.0, "total_h": 110.0}  # one worker: no efficiency loss
+    assert rows[2]["train_eval_h"] == round(100.0 / (2 * 0.8), 1) and rows[2]["total_h"] == round(10 + 62.5, 1)
+    # never faster than the longest single run (coop: 5 h over 10 runs = 0.5 h): 100 / (16 x 0.8) = 7.8 h
+    assert rows[16]["train_eval_h"] == 7.8
+    tiny = {**estimate, "train_eval_h": 1.0}
+    assert {r["workers"]: r["train_eval_h"] for r in scaling.project(tiny, 1.0)}[16] == 0.5
+
+
+def test_scaling_prepares_the_demo_as_dvc_exp_run_composes_it(scaling, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(scaling.subprocess, "run", lambda cmd, **kw: calls.append(cmd[2:]))
+    cfg = scaling.prepare(tmp_path)
+    assert cfg["_profile"] == "demo" and cfg["backbone"]["name"] == "tiny-pretrained" and cfg["data"]["synthetic"]
+    assert calls[-3:] == [["stages.attributes"], ["stages.features"], ["stages.filter"]]
+    assert len(calls) == len(cfg["datasets"]) + 3
