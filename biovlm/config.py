@@ -601,6 +601,29 @@ def stage_description(doc: str) -> str:
     return " ".join(doc.split("\n\n")[0].replace("``", "`").split())
 
 
+# The folders several stages read, as command-line options: (default, help).
+FOLDER_OPTIONS = {
+    "features": (FEATURES_DIR, "folder of the feature files"),
+    "filtered": (FILTERED_DIR, "folder of the confidence tables"),
+    "checkpoints": (CHECKPOINTS_DIR, "folder of the train stages' run files"),
+    "results": (RESULTS_DIR, "folder of the results tables"),
+}
+
+
+def stage_parser(name: str, doc: str, *folders: str):
+    """The ``argparse`` parser of ``python -m stages.<name>``: its description from ``doc``, ``--params`` and the
+    ``folders`` it reads (keys of ``FOLDER_OPTIONS``), each with its default and meaning in ``--help``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=stage_description(doc))
+    ap.add_argument("--params", default="params.yaml",
+                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
+    for folder in folders:
+        default, meaning = FOLDER_OPTIONS[folder]
+        ap.add_argument(f"--{folder}", default=str(default), help=f"{meaning} (default: %(default)s)")
+    return ap
+
+
 def stage_main(name: str, main, argv: list[str] | None = None, exit_code: int = 1) -> None:
     """Run a stage's ``main``; a user error (bad value, missing or mismatched file, failed download) exits with
     its message and ``exit_code`` instead of a traceback. ``BIOVLM_DEBUG=1`` shows the traceback."""

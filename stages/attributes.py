@@ -8,19 +8,16 @@ records (and in every prompt) are those of ``data.class_names``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 from biovlm.attributes import build_records, install_log_redaction
-from biovlm.config import ATTRIBUTES_DIR, describe_profile, load_config, stage_description, stage_main
+from biovlm.config import ATTRIBUTES_DIR, describe_profile, load_config, stage_main, stage_parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.attributes", description=stage_description(__doc__))
-    ap.add_argument("--params", default="params.yaml",
-                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
+    ap = stage_parser("attributes", __doc__)
     ap.add_argument("--out", default=str(ATTRIBUTES_DIR),
                     help="folder of the per-dataset attribute files (default: %(default)s)")
     args = ap.parse_args(argv)

@@ -6,35 +6,20 @@ evaluates only what changed. Class-specific methods (the linear probe) have no c
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from biovlm.config import (
-    CHECKPOINTS_DIR,
-    FEATURES_DIR,
-    FILTERED_DIR,
-    RESULTS_DIR,
     describe_profile,
     load_config,
-    stage_description,
     stage_main,
+    stage_parser,
     torch_device,
 )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.crossdata", description=stage_description(__doc__))
-    ap.add_argument("--params", default="params.yaml",
-                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
-    ap.add_argument("--features", default=str(FEATURES_DIR),
-                    help="folder of the feature files (default: %(default)s)")
-    ap.add_argument("--filtered", default=str(FILTERED_DIR),
-                    help="folder of the confidence tables (default: %(default)s)")
-    ap.add_argument("--checkpoints", default=str(CHECKPOINTS_DIR),
-                    help="folder of the train stages' run files (default: %(default)s)")
-    ap.add_argument("--results", default=str(RESULTS_DIR),
-                    help="folder of the results tables (default: %(default)s)")
+    ap = stage_parser("crossdata", __doc__, "features", "filtered", "checkpoints", "results")
     ap.add_argument("--store", default=None, help="run store folder (default: as the train stages')")
     ap.add_argument("--no-store", action="store_true", help="read the checkpoints folder only")
     args = ap.parse_args(argv)

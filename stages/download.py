@@ -11,11 +11,10 @@ lack, with URLs and sizes. ``data.synthetic: true`` (demo): an offline synthetic
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-from biovlm.config import describe_profile, load_config, raw_dir, stage_description, stage_main
+from biovlm.config import describe_profile, load_config, raw_dir, stage_main, stage_parser
 from biovlm.data import (
     RAW_DIR,
     SYNTHETIC_MANIFEST,
@@ -30,10 +29,8 @@ IN_PLACE_RECORD = "IN_PLACE.json"
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.download", description=stage_description(__doc__))
+    ap = stage_parser("download", __doc__)
     ap.add_argument("dataset", help="the dataset to download (one of params.yaml datasets)")
-    ap.add_argument("--params", default="params.yaml",
-                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
     if args.dataset not in cfg["datasets"]:

@@ -8,11 +8,10 @@ the report and in these files."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from biovlm.config import METRICS_DIR, RESULTS_DIR, load_config, results_files, stage_description, stage_main
+from biovlm.config import METRICS_DIR, load_config, results_files, stage_main, stage_parser
 from biovlm.evaluate import (
     base2new_metrics,
     check_finite,
@@ -26,11 +25,7 @@ from biovlm.evaluate import (
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.evaluate", description=stage_description(__doc__))
-    ap.add_argument("--params", default="params.yaml",
-                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
-    ap.add_argument("--results", default=str(RESULTS_DIR),
-                    help="folder of the results tables (default: %(default)s)")
+    ap = stage_parser("evaluate", __doc__, "results")
     ap.add_argument("--out", default=str(METRICS_DIR),
                     help="folder of the metrics and plot data (default: %(default)s)")
     args = ap.parse_args(argv)

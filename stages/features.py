@@ -8,7 +8,6 @@ validation shots and the few-shot pool (union over seeds of ``features.max_shots
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from biovlm.config import (
@@ -16,16 +15,14 @@ from biovlm.config import (
     feature_path,
     load_config,
     npz_location,
-    stage_description,
     stage_main,
+    stage_parser,
     torch_device,
 )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.features", description=stage_description(__doc__))
-    ap.add_argument("--params", default="params.yaml",
-                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
+    ap = stage_parser("features", __doc__)
     ap.add_argument("--dataset", action="append", help="only these datasets (default: all in params.yaml)")
     args = ap.parse_args(argv)
     cfg = load_config(args.params)

@@ -7,7 +7,6 @@ class from this table and its own training shots only (``biovlm.filtering``), in
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from biovlm import config
@@ -15,9 +14,7 @@ from biovlm.attributes import load_attributes
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.filter", description=config.stage_description(__doc__))
-    ap.add_argument("--params", default="params.yaml",
-                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
+    ap = config.stage_parser("filter", __doc__)
     ap.add_argument("--attributes", default=str(config.ATTRIBUTES_DIR), help="folder of <dataset>.json attributes")
     ap.add_argument("--features", default=None, help="folder of <dataset>.safetensors (default: features/)")
     ap.add_argument("--out", default=str(config.FILTERED_DIR), help="output folder of the confidence tables")

@@ -4,22 +4,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from biovlm import environment
-from biovlm.config import REPORT_DIR, RESULTS_DIR, load_config, results_files, stage_description, stage_main
+from biovlm.config import REPORT_DIR, load_config, results_files, stage_main, stage_parser
 from biovlm.evaluate import load_results
 from biovlm.report import write_report
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.report", description=stage_description(__doc__))
-    ap.add_argument("--params", default="params.yaml",
-                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
-    ap.add_argument("--results", default=str(RESULTS_DIR),
-                    help="folder of the results tables (default: %(default)s)")
+    ap = stage_parser("report", __doc__, "results")
     ap.add_argument("--out", default=str(REPORT_DIR),
                     help="folder of the report, tables and figures (default: %(default)s)")
     args = ap.parse_args(argv)

@@ -11,7 +11,6 @@ methods to train only those. Per-epoch training curves go to ``dvclive/<dataset>
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -19,33 +18,19 @@ from pathlib import Path
 
 from biovlm import environment
 from biovlm.config import (
-    CHECKPOINTS_DIR,
-    FEATURES_DIR,
-    FILTERED_DIR,
-    RESULTS_DIR,
     describe_profile,
     load_config,
-    stage_description,
     stage_main,
+    stage_parser,
     torch_device,
 )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.train", description=stage_description(__doc__))
+    ap = stage_parser("train", __doc__, "features", "filtered", "checkpoints", "results")
     ap.add_argument("methods", nargs="*", metavar="method", help="default: every method in params.yaml")
     ap.add_argument("--dataset", action="append", dest="datasets", metavar="DATASET",
                     help="train this dataset's runs (repeatable; default: every dataset in params.yaml)")
-    ap.add_argument("--params", default="params.yaml",
-                    help="the configuration to run (default: params.yaml, composed from conf/ by dvc exp run)")
-    ap.add_argument("--features", default=str(FEATURES_DIR),
-                    help="folder of the feature files (default: %(default)s)")
-    ap.add_argument("--filtered", default=str(FILTERED_DIR),
-                    help="folder of the confidence tables (default: %(default)s)")
-    ap.add_argument("--checkpoints", default=str(CHECKPOINTS_DIR),
-                    help="folder of the train stages' run files (default: %(default)s)")
-    ap.add_argument("--results", default=str(RESULTS_DIR),
-                    help="folder of the results tables (default: %(default)s)")
     ap.add_argument("--live", default="dvclive", help="dvclive folder (a subfolder per dataset and method)")
     ap.add_argument("--no-live", action="store_true", help="do not log training curves")
     ap.add_argument("--store", default=None, help="run store folder (default: $BIOVLM_RUN_STORE, else "
