@@ -208,3 +208,25 @@ def test_ray_without_ray_installed_names_the_extra(inputs, monkeypatch):
     with pytest.raises(RuntimeError, match=r"^executor.kind is ray but Ray is not installed; pip install -e '.\[ray\]' "
                                            r"\(or set executor.kind: local\)$"):
         RayExecutor(config(), inputs, ExecutorSettings(kind="ray"), **QUIET)
+
+
+def test_a_ray_worker_running_other_code_is_refused_before_any_run():
+    """A cluster node with another checkout would store results under hashes of this one: refused at start-up."""
+    from types import SimpleNamespace
+
+    from biovlm.executors import RayExecutor
+
+    executor = RayExecutor.__new__(RayExecutor)  # no Ray needed: the check reads the workers' reported identities
+    closed = []
+    executor.started_here, executor.close = False, lambda: closed.append(True)
+    executor.workers = [SimpleNamespace(identity=SimpleNamespace(remote=lambda: "ref"))] * 2
+    identities = [{"code": runs.code_digest(), "pid": 11}, {"code": "0" * 64, "pid": 12}]
+    executor.ray = SimpleNamespace(get=lambda refs: identities, exceptions=SimpleNamespace(RayError=RuntimeError))
+    with pytest.raises(RuntimeError, match=r"^a Ray worker \(pid 12\) runs other biovlm code than this checkout; "
+                                           r"install this checkout on every node or set "
+                                           r"executor.runtime_env.working_dir$"):
+        executor._check_workers()
+    assert closed == [True]
+    identities[1]["code"] = runs.code_digest()
+    executor._check_workers()
+    assert executor.identity() == identities[0]
