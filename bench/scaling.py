@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         for n in (1, 2):
             settings = ExecutorSettings(kind="ray", workers=n, cpus_per_worker=1)
             measured.append(measure(f"ray, {n} worker{'s' * (n > 1)}",
-                                    lambda s=settings: RayExecutor(cfg, inputs, s, echo=lambda line: None),
+                                    lambda s=settings: RayExecutor(cfg, inputs, s),
                                     cfg, inputs, args.methods, work))
     speedup = measured[2]["runs_per_s"] / measured[1]["runs_per_s"]
     estimate = json.loads(ESTIMATE.read_text())

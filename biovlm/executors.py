@@ -50,12 +50,11 @@ class ExecutorSettings:
         return cls(**{f.name: section[f.name] for f in fields(cls) if f.name in section})
 
 
-def make_executor(cfg: Mapping, inputs: Mapping[str, DatasetInputs], load_backbone: Callable[[], Any],
-                  echo: Callable[[str], None] = print):
+def make_executor(cfg: Mapping, inputs: Mapping[str, DatasetInputs], load_backbone: Callable[[], Any]):
     """The executor params.yaml asks for; ``load_backbone()`` loads the backbone in this process (local only)."""
     settings = ExecutorSettings.from_config(cfg)
     if settings.kind == "ray":
-        return RayExecutor(cfg, inputs, settings, echo)
+        return RayExecutor(cfg, inputs, settings)
     return LocalExecutor(cfg, load_backbone(), inputs)
 
 
@@ -116,14 +115,13 @@ class _RayWorker:
 class RayExecutor:
     """Runs on Ray workers, as many at once as there are workers; results come back as they finish."""
 
-    def __init__(self, cfg: Mapping, inputs: Mapping[str, DatasetInputs], settings: ExecutorSettings,
-                 echo: Callable[[str], None] = print):
+    def __init__(self, cfg: Mapping, inputs: Mapping[str, DatasetInputs], settings: ExecutorSettings):
         try:
             import ray
         except ImportError:
             raise RuntimeError("executor.kind is ray but Ray is not installed; pip install -e '.[ray]' "
                                "(or set executor.kind: local)") from None
-        self.ray, self.settings, self.echo = ray, settings, echo  # pragma: no mutate
+        self.ray, self.settings = ray, settings
         self.started_here = not ray.is_initialized()
         if self.started_here:
             ray.init(address=settings.address, runtime_env=self._runtime_env(), include_dashboard=False,
@@ -169,7 +167,12 @@ class RayExecutor:
                 self.close()
                 raise RuntimeError(f"a Ray worker (pid {ident['pid']}) runs other biovlm code than this checkout; "
                                    f"install this checkout on every node or set executor.runtime_env.working_dir")
-        self.identities = identities
+            if ident.get("weights_sha256") != identities[0].get("weights_sha256"):
+                self.close()
+                raise RuntimeError(f"Ray workers loaded different backbone weights (sha256 "
+                                   f"{identities[0].get('weights_sha256')} and {ident.get('weights_sha256')}, pid "
+                                   f"{ident['pid']}); give every node the same Hugging Face cache (backbone.cache_dir)")
+        self.identities = identities  # the stage checks the first's weights against the feature files
 
     def describe(self) -> str:
         return self.description

@@ -145,7 +145,7 @@ def test_ray_workers_give_the_local_results_bit_for_bit_and_survive_a_killed_wor
     finally:
         torch.set_num_threads(threads)
     marker = tmp_path / "killed"
-    executor = RayExecutor(cfg, inputs, ray_settings(runtime_env=kill_env(marker)), **QUIET)
+    executor = RayExecutor(cfg, inputs, ray_settings(runtime_env=kill_env(marker)))
     try:
         assert executor.describe() == "2 Ray worker(s) (CPUs, a local Ray instance)"
         assert executor.identity()["weights_sha256"] == tiny_backbone.fingerprint
@@ -169,8 +169,7 @@ def test_a_run_that_kills_every_worker_is_named_and_the_finished_runs_kept(tiny_
     from biovlm.executors import RayExecutor
 
     cfg = config()
-    executor = RayExecutor(cfg, inputs, ray_settings(retries=1, runtime_env=kill_env(tmp_path / "k", always=True)),
-                           **QUIET)
+    executor = RayExecutor(cfg, inputs, ray_settings(retries=1, runtime_env=kill_env(tmp_path / "k", always=True)))
     try:
         with pytest.raises(RuntimeError, match=r"coop fewshot/\w+/k\d_seed1: the Ray worker died 2 time\(s\) .*; "
                                                r"every finished run is stored, rerun the stage to continue"):
@@ -189,7 +188,7 @@ def test_more_ray_workers_than_the_machine_has_is_an_error(inputs):
     n = (os.cpu_count() or 1) + 1
     with pytest.raises(ValueError, match=rf"executor.workers = {n} do not fit the Ray cluster \(\d+ CPU\(s\), 1 per "
                                          r"worker\); lower executor.workers or executor.cpus_per_worker"):
-        RayExecutor(config(), inputs, ExecutorSettings(kind="ray", workers=n), **QUIET)
+        RayExecutor(config(), inputs, ExecutorSettings(kind="ray", workers=n))
 
 
 def test_ray_without_ray_installed_names_the_extra(inputs, monkeypatch):
@@ -207,11 +206,12 @@ def test_ray_without_ray_installed_names_the_extra(inputs, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(RuntimeError, match=r"^executor.kind is ray but Ray is not installed; pip install -e '.\[ray\]' "
                                            r"\(or set executor.kind: local\)$"):
-        RayExecutor(config(), inputs, ExecutorSettings(kind="ray"), **QUIET)
+        RayExecutor(config(), inputs, ExecutorSettings(kind="ray"))
 
 
 def test_a_ray_worker_running_other_code_is_refused_before_any_run():
-    """A cluster node with another checkout would store results under hashes of this one: refused at start-up."""
+    """A cluster node with another checkout (or other weights) would store results under hashes of this one:
+    refused at start-up."""
     from types import SimpleNamespace
 
     from biovlm.executors import RayExecutor
@@ -220,13 +220,18 @@ def test_a_ray_worker_running_other_code_is_refused_before_any_run():
     closed = []
     executor.started_here, executor.close = False, lambda: closed.append(True)
     executor.workers = [SimpleNamespace(identity=SimpleNamespace(remote=lambda: "ref"))] * 2
-    identities = [{"code": runs.code_digest(), "pid": 11}, {"code": "0" * 64, "pid": 12}]
+    identities = [{"code": runs.code_digest(), "pid": 11, "weights_sha256": "a" * 64},
+                  {"code": "0" * 64, "pid": 12, "weights_sha256": "a" * 64}]
     executor.ray = SimpleNamespace(get=lambda refs: identities, exceptions=SimpleNamespace(RayError=RuntimeError))
     with pytest.raises(RuntimeError, match=r"^a Ray worker \(pid 12\) runs other biovlm code than this checkout; "
                                            r"install this checkout on every node or set "
                                            r"executor.runtime_env.working_dir$"):
         executor._check_workers()
     assert closed == [True]
-    identities[1]["code"] = runs.code_digest()
+    identities[1].update(code=runs.code_digest(), weights_sha256="b" * 64)  # another node's download
+    with pytest.raises(RuntimeError, match=rf"^Ray workers loaded different backbone weights \(sha256 {'a' * 64} and "
+                                           rf"{'b' * 64}, pid 12\); give every node the same Hugging Face cache"):
+        executor._check_workers()
+    identities[1]["weights_sha256"] = "a" * 64
     executor._check_workers()
-    assert executor.identity() == identities[0]
+    assert executor.identity() == identities[0] and closed == [True, True]
