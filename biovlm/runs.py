@@ -410,9 +410,7 @@ def run_methods(methods: Sequence[str], cfg: Mapping, inputs: Mapping[str, Datas
         echo(f"{len(pending)} of {total} runs to compute on {executor.describe()}")
     task_log = (lambda task, record, epoch: log(task.method, task.run.name, record, epoch)) if log else None
     for task, state, seconds in executor.map(pending, task_log):
-        if store is not None:
-            store.put(task.hash, state)
-        atomic_save(output_state(state), Path(out_dirs[task.method]) / f"{task.run.name}.pt")
+        save_result(state, task.hash, store, Path(out_dirs[task.method]) / f"{task.run.name}.pt")
         states[task.method][task.run], done = state, done + 1
         counts[task.method]["computed"] += 1
         echo(f"[{done}/{total}] {_describe(task.method, task.run, state)} ({seconds:.1f} s)")
@@ -443,18 +441,21 @@ def reuse(path: Path | None, key: str, store: RunStore | None) -> tuple[dict | N
     return state, "store"
 
 
-def reuse_or_compute(path: Path | None, key: str, store: RunStore | None,
-                     compute: Callable[[], dict]) -> tuple[dict, str]:
-    """``reuse``, else ``compute()`` (source ``"computed"``), then kept in the store and ``path``."""
-    state, source = reuse(path, key, store)
-    if state is not None:
-        return state, source
-    state = compute()
+def save_result(state: dict, key: str, store: RunStore | None, path: Path | None) -> None:
+    """Keep a computed result: in the run store under ``key`` and at ``path`` (a DVC output, without wall time)."""
     if store is not None:
         store.put(key, state)
     if path is not None:
         atomic_save(output_state(state), path)
-    return state, "computed"
+
+
+def reuse_or_compute(path: Path | None, key: str, store: RunStore | None, compute: Callable[[], dict]) -> dict:
+    """``reuse``, else ``compute()`` and ``save_result``."""
+    state, _ = reuse(path, key, store)
+    if state is None:
+        state = compute()
+        save_result(state, key, store, path)
+    return state
 
 
 def run_crossdata(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str, DatasetInputs],
@@ -463,7 +464,8 @@ def run_crossdata(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str,
     """The cross-dataset rows of ``method_name``: each source's few-shot state (``sources``, by run) tested on every
     dataset of ``inputs``; reused from ``out_dir`` or ``store`` by hash, else computed and stored."""
     k, rows = cfg["crossdata"]["shots"], []
-    memo = {} if is_static(method_name) else None  # a static method's evaluation of a target is the same each time
+    # a static method's evaluation of a target is the same each time (speed only)
+    memo = {} if is_static(method_name) else None  # pragma: no mutate
     digests = {d: inputs[d].digest for d in inputs}
     for source in crossdata_sources(cfg):
         for seed in cfg["seeds"]:
@@ -472,7 +474,7 @@ def run_crossdata(method_name: str, cfg: Mapping, backbone, inputs: Mapping[str,
             path = None if out_dir is None else out_dir / "crossdata" / source / f"k{k}_seed{seed}.pt"
             if path is not None:
                 keep.add(path)
-            state, _ = reuse_or_compute(path, expected, store, lambda run=run, source=source, expected=expected: {
+            state = reuse_or_compute(path, expected, store, lambda run=run, source=source, expected=expected: {
                 "hash": expected,
                 "rows": cross_evaluate(method_name, cfg, backbone, sources[run], source, run, inputs, memo)})
             rows += state["rows"]

@@ -69,6 +69,7 @@ def test_runs_lost_with_the_checkpoints_come_back_from_the_store(tiny_backbone, 
     shutil.rmtree(out)
     calls = []
     monkeypatch.setattr(runs, "train_and_evaluate", lambda *a, **k: calls.append(a) or pytest.fail("retrained"))
+    monkeypatch.setattr(runs, "cross_evaluate", lambda *a, **k: calls.append(a) or pytest.fail("re-evaluated"))
     lines.clear()
     again = runs.run_method("coop", cfg, tiny_backbone, inputs, out, echo=lines.append, store=store)
     assert calls == [] and again.equals(first)
