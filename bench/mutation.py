@@ -90,6 +90,7 @@ def summarise(counts: dict[str, Counter]) -> list[dict]:
         rate = c["killed"] / total if total else 1.0
         rows.append({"module": module, "mutants": total, "killed": c["killed"],
                      "survived": c["survived"], "other": total - c["killed"] - c["survived"],
+                     "not_checked": c["not checked"],
                      "rate": round(rate, 4), "target": target_for(module), "met": rate >= target_for(module)})
     return rows
 
@@ -110,8 +111,12 @@ def markdown(rows: list[dict], seconds: float | None, machine_line: str, page: b
     killed = sum(r["killed"] for r in rows)
     lines += [f"| all | {total} | {killed} | {sum(r['survived'] for r in rows)} | {sum(r['other'] for r in rows)} "
               f"| {100 * killed / max(total, 1):.1f} | | |", ""]
+    unchecked = sum(r.get("not_checked", 0) for r in rows)
+    if unchecked:
+        lines.append(f"An interrupted run: {unchecked} mutants not checked yet (counted in `other`).")
     if seconds is not None:
-        lines.append(f"Full run from an empty `mutants/`: {seconds / 60:.1f} minutes.")
+        last = "The last full run" if unchecked else "Full run"
+        lines.append(f"{last} from an empty `mutants/`: {seconds / 60:.1f} minutes.")
     lines += ["", machine_line, ""]
     return "\n".join(lines)
 
