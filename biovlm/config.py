@@ -239,29 +239,31 @@ def compose(profile: str = "paper", conf_dir: str | Path = CONF_DIR) -> dict:
     return yaml.load(compose_text(profile, conf_dir), Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
 
 
-def profile_keys(profile: str, conf_dir: str | Path = CONF_DIR) -> list[str]:
-    """The dotted keys ``conf/profile/<profile>.yaml`` sets (its leaves, ``profile`` itself aside)."""
+def profile_values(profile: str, conf_dir: str | Path = CONF_DIR) -> dict[str, Any]:
+    """The values ``conf/profile/<profile>.yaml`` sets, by dotted key (its leaves, ``profile`` itself aside)."""
     path = Path(conf_dir) / "profile" / f"{profile}.yaml"
-    if not path.exists():
-        return []
-    keys: list[str] = []
+    values: dict[str, Any] = {}
 
     def walk(node: Any, where: str) -> None:
         if isinstance(node, dict) and node:
             for k, v in node.items():
                 walk(v, f"{where}.{k}" if where else str(k))
         elif where != "profile":
-            keys.append(where)
+            values[where] = node
 
-    walk(yaml.load(path.read_text(), Loader=ParamsLoader) or {}, "")  # noqa: S506 (a SafeLoader)
-    return keys
+    if path.exists():
+        walk(yaml.load(path.read_text(), Loader=ParamsLoader) or {}, "")  # noqa: S506 (a SafeLoader)
+    return values
 
 
-def _get_dotted(cfg: Mapping, key: str) -> Any:
+def _has_value(cfg: Mapping, key: str, value: Any) -> bool:
     node: Any = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+    try:
+        for part in key.split("."):
+            node = node[part]
+    except (KeyError, TypeError):
+        return False
+    return node == value
 
 
 def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> dict:
@@ -293,11 +295,9 @@ def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
     for key, value in overrides.items():
         set_dotted(cfg, key, value)
     profile = cfg.get("profile", "paper")
-    profile_file = yaml.load((conf_dir / "profile" / f"{profile}.yaml").read_text(), Loader=ParamsLoader) \
-        if (conf_dir / "profile" / f"{profile}.yaml").exists() else {}  # noqa: S506 (a SafeLoader)
     cfg["_profile"] = profile
-    cfg["_from_profile"] = [k for k in profile_keys(profile, conf_dir) if k not in overrides
-                            and _has_value(cfg, k, _get_dotted(profile_file, k))]
+    cfg["_from_profile"] = [k for k, v in profile_values(profile, conf_dir).items()
+                            if k not in overrides and _has_value(cfg, k, v)]
     validate(cfg)
     if os.environ.get("DVC_EXP_NAME"):  # a stage of `dvc exp run`: params.yaml must not change under it
         from biovlm.workspace import check_params
@@ -305,12 +305,6 @@ def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
         check_params(path)
     return cfg
 
-
-def _has_value(cfg: Mapping, key: str, value: Any) -> bool:
-    try:
-        return _get_dotted(cfg, key) == value
-    except (KeyError, TypeError):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------- validation
