@@ -326,3 +326,25 @@ def test_floats_in_every_form_dvc_writes_are_numbers(tmp_path, text, value):
     cfg = load_config(params)
     assert cfg["train"]["warmup_lr"] == value and isinstance(cfg["train"]["warmup_lr"], float)
     assert isinstance(cfg["train"]["epochs"], int) and cfg["features"]["crop_scale"] == [0.08, 1.0]
+
+
+def test_python_m_biovlm_config_writes_the_committed_params_yaml(tmp_path, capsys):
+    from biovlm.config import main
+
+    params = conf_copy(tmp_path)
+    params.write_text("stale\n")
+    main(["--out", str(params)])
+    assert params.read_text() == PARAMS.read_text() and capsys.readouterr().out == f"wrote {params} (profile 'paper')\n"
+    main(["--out", str(params), "--profile", "demo"])
+    assert yaml.safe_load(params.read_text()) == compose("demo", tmp_path / "conf")
+
+
+def test_a_missing_conf_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"conf/config.yaml not found: the configuration params.yaml is "
+                                                 r"composed from \(run from the repository root\)"):
+        load_config(_params_without_conf(tmp_path), {"profile": "demo"})
+
+
+def _params_without_conf(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    return tmp_path / "params.yaml"

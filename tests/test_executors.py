@@ -235,3 +235,24 @@ def test_a_ray_worker_running_other_code_is_refused_before_any_run():
     identities[1]["weights_sha256"] = "a" * 64
     executor._check_workers()
     assert executor.identity() == identities[0] and closed == [True, True]
+
+
+def test_a_ray_worker_that_fails_to_start_is_named_in_one_line():
+    from types import SimpleNamespace
+
+    from biovlm.executors import RayExecutor
+
+    class RayError(Exception):
+        pass
+
+    def get(refs):
+        raise RayError("Traceback (most recent call last):\n  ...\nFileNotFoundError: no weights in /cache")
+
+    executor = RayExecutor.__new__(RayExecutor)
+    closed = []
+    executor.started_here, executor.close = False, lambda: closed.append(True)
+    executor.workers = [SimpleNamespace(identity=SimpleNamespace(remote=lambda: "ref"))]
+    executor.ray = SimpleNamespace(get=get, exceptions=SimpleNamespace(RayError=RayError))
+    with pytest.raises(RuntimeError, match=r"^a Ray worker failed to start: FileNotFoundError: no weights in /cache$"):
+        executor._check_workers()
+    assert closed == [True]
