@@ -5,7 +5,7 @@ and a *run file* of the train stage (``checkpoints/<dataset>/<method>/<setting>/
 ``{"hash", "run", "method", "checkpoint", "history", "rows", "features"}``, the method checkpoint under
 ``"checkpoint"``). A checkpoint's metadata holds everything the method was built from (method, knobs, backbone,
 class ids, attributes, the dataset's prompt wording), so :func:`load_method` rebuilds it without a config file.
-This module is not part of the training path (``runs.CODE_FILES``): changing it retrains nothing.
+This module is not part of the training path (``plan.CODE_FILES``): changing it retrains nothing.
 """
 
 from __future__ import annotations

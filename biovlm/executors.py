@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from biovlm import runs
+from biovlm import plan, runs
 from biovlm.runs import DatasetInputs, Task
 
 Result = tuple[Task, dict, float]  # (task, its state, seconds it took)
@@ -62,7 +62,7 @@ def worker_identity(backbone) -> dict:
     """What must agree between a worker and the stage: the training code and the backbone's weights."""
     from biovlm import environment
 
-    return {"code": runs.code_digest(), "weights_sha256": backbone.fingerprint,
+    return {"code": plan.code_digest(), "weights_sha256": backbone.fingerprint,
             "environment": environment.describe(str(backbone.device), backbone)}
 
 
@@ -161,7 +161,7 @@ class RayExecutor:
         except self.ray.exceptions.RayError as e:
             self.close()
             raise RuntimeError(f"a Ray worker failed to start: {_cause(e)}") from None
-        expected = runs.code_digest()
+        expected = plan.code_digest()
         for ident in identities:
             if ident["code"] != expected:
                 self.close()

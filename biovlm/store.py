@@ -7,7 +7,7 @@ experiments, other branches and reruns after a crash:
 
     <root>/<hash[:2]>/<hash>.pt      one run: {"hash", "run", "method", "checkpoint", "history", "rows", "features"}
 
-``hash`` is ``biovlm.runs.run_hash`` (method and training values, the run, the bytes of its inputs and the code), so a
+``hash`` is ``biovlm.plan.run_hash`` (method and training values, the run, the bytes of its inputs and the code), so a
 stored result is valid for exactly one computation and is never updated, only added: writes go through a temporary
 file renamed into place (``biovlm.storage.atomic_write``), so concurrent writers (``dvc queue start -j 2``) at worst
 write the same bytes twice. A damaged entry is reported, removed and recomputed.
