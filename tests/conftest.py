@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import subprocess
 import tempfile
@@ -33,14 +34,28 @@ def pytest_report_header(config) -> str | None:
     return None
 
 
-COMMITTED_PARAMS = Path(tempfile.mkdtemp(prefix="biovlm-committed-")) / "params.yaml"
-"""A copy of the committed params.yaml for every test that reads the configuration."""
-COMMITTED_PARAMS.write_text(committed_file("params.yaml"))
-_CONF = ["conf/config.yaml", *(f"conf/profile/{p.name}" for p in sorted((ROOT / "conf" / "profile").glob("*.yaml")))]
-for _rel in _CONF:
-    (COMMITTED_PARAMS.parent / _rel).parent.mkdir(parents=True, exist_ok=True)  # what load_config composes from
-    (COMMITTED_PARAMS.parent / _rel).write_text(committed_file(_rel))
-atexit.register(shutil.rmtree, COMMITTED_PARAMS.parent, ignore_errors=True)
+def _committed_copy() -> Path:
+    """The committed params.yaml and conf/ copied into a temporary folder, once per process tree. pytest re-imports
+    this module for every session, and mutmut runs a session in each forked child, which ends with ``os._exit``
+    (atexit never runs): a folder per import left one behind per mutant. Children find their parent's folder through
+    the environment; the process that made it removes it at exit."""
+    known = Path(os.environ.get(_COMMITTED_ENV, "") or "/nonexistent")
+    if (known / "params.yaml").is_file():
+        return known / "params.yaml"
+    folder = Path(tempfile.mkdtemp(prefix="biovlm-committed-"))
+    (folder / "params.yaml").write_text(committed_file("params.yaml"))
+    profiles = sorted((ROOT / "conf" / "profile").glob("*.yaml"))
+    for rel in ["conf/config.yaml", *(f"conf/profile/{p.name}" for p in profiles)]:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)  # what load_config composes from
+        (folder / rel).write_text(committed_file(rel))
+    os.environ[_COMMITTED_ENV] = str(folder)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder / "params.yaml"
+
+
+_COMMITTED_ENV = "BIOVLM_TEST_COMMITTED_DIR"
+COMMITTED_PARAMS = _committed_copy()
+"""A copy of the committed params.yaml (conf/ beside it) for every test that reads the configuration."""
 
 
 def demo_transform():
