@@ -438,7 +438,8 @@ def test_biomedcoop_prunes_outlier_attributes():
     scores = torch.tensor([10.0, 10.2, 9.9, 10.1, 25.0, 10.05, -3.0])  # mean 10.32, std 8.10: z 1.81 and -1.65
     assert prune_mask(scores, 1.5).tolist() == [True, True, True, True, False, True, False]
     assert prune_mask(torch.full((4,), 3.0), 1.5).all()  # std 0: nothing to prune
-    assert prune_mask(torch.tensor([7.0]), 0.1).tolist() == [True]  # one classifier: no spread to measure
+    single = prune_mask(torch.tensor([7.0]), 0.1)  # one classifier: no spread to measure
+    assert single.dtype == torch.bool and single.tolist() == [True]  # a mask: it indexes the classifiers
 
 
 # ---- the baselines' losses and logits against an independent computation -----------------------------------
@@ -627,10 +628,11 @@ def _teacher_by_hand(backbone, scale, images, prune_z):
     return kept, unit(torch.stack([classifiers[j] for j in kept]).mean(0))
 
 
-@pytest.mark.parametrize(("reduction", "tau"), [("reference", 1.0), ("batchmean", 2.0)])
-def test_biomedcoop_loss_equals_an_independent_computation(reduction, tau, tiny_backbone):
-    # the tiny tower's prompts sit close to the attribute means: a large sccm weight makes that term visible
-    knobs = {"sccm_lambda": 40.0, "kdsp_lambda": 1.3, "tau": tau, "kl_reduction": reduction}
+@pytest.mark.parametrize(("reduction", "tau", "kdsp_lambda"), [("reference", 1.0, 1.3), ("batchmean", 2.0, 0.7)])
+def test_biomedcoop_loss_equals_an_independent_computation(reduction, tau, kdsp_lambda, tiny_backbone):
+    # the tiny tower's prompts sit close to the attribute means: a large sccm weight makes that term visible; a kdsp
+    # weight below 1 must count too
+    knobs = {"sccm_lambda": 40.0, "kdsp_lambda": kdsp_lambda, "tau": tau, "kl_reduction": reduction}
     m = prompt_method("biomedcoop", tiny_backbone, knobs, attributes=ATTRS5)
     batch = batch_of(tiny_backbone.embed_dim)
     kept, teacher_text = _teacher_by_hand(tiny_backbone, m.scale, batch["plain"], 1.5)
@@ -646,7 +648,7 @@ def test_biomedcoop_loss_equals_an_independent_computation(reduction, tau, tiny_
     kdsp = kl_by_hand(logits, teacher, tau) / (b * c if reduction == "reference" else b)
     assert sccm > 1e-6 and kdsp > 1e-4
     expected = {"ce": ce, "sccm": sccm, "kdsp": kdsp, "acc": accuracy_by_hand(logits, batch["labels"])}
-    check_stats(stats, expected, total, ce + 40.0 * sccm + 1.3 * kdsp)
+    check_stats(stats, expected, total, ce + 40.0 * sccm + kdsp_lambda * kdsp)
 
 
 def test_biomedcoop_prune_threshold_is_the_knob(tiny_backbone):
