@@ -580,3 +580,51 @@ def test_a_diverging_run_is_named_by_dataset_k_and_seed(tiny_backbone, inputs, m
     cfg = small_config()
     with pytest.raises(NonFiniteLossError, match=r"^fewshot/bloodmnist/k4_seed2: coop: loss term\(s\) 'loss' became "):
         runs.train_and_evaluate("coop", cfg, tiny_backbone, inputs["bloodmnist"], R("fewshot", "bloodmnist", 4, 2))
+
+
+def test_run_method_logs_every_epoch_and_says_which_runs_came_from_the_store(tiny_backbone, inputs, tmp_path):
+    """The per-epoch log (dvclive, in the train stage) receives each run's name, epoch record and epoch; a run whose
+    file is gone but whose result the run store holds is reused from the store, and its line says so."""
+    from biovlm.store import RunStore
+
+    cfg = small_config(settings=["fewshot"], datasets=["bloodmnist"], seeds=[1], **{"fewshot.shots": [1, 4]})
+    one = {"bloodmnist": inputs["bloodmnist"]}
+    store, out = RunStore(tmp_path / "store", **QUIET), tmp_path / "coop"
+    logged: list[tuple[str, int, dict]] = []
+    df = runs.run_method("coop", cfg, tiny_backbone, one, out, log=lambda name, record, epoch: logged.append(
+        (name, epoch, record)), store=store, **QUIET)
+    names = [run.name for run in runs.plan_runs(cfg)]
+    assert [(name, epoch) for name, epoch, _ in logged] == [(n, e) for n in names for e in (0, 1)]
+    assert all(record["epoch"] == epoch and {"loss", "ce", "acc", "lr"} <= set(record)
+               for _, epoch, record in logged)
+
+    (out / f"{names[0]}.pt").unlink()  # DVC restored an older output, say: the store still has the result
+    lines: list[str] = []
+    again = runs.run_method("coop", cfg, tiny_backbone, one, out, store=store, echo=lines.append)
+    assert again.equals(df) and (out / f"{names[0]}.pt").exists()
+    acc = df[(df.shots == 1)].accuracy.item()
+    assert lines[0] == f"[1/2] coop {names[0]}: accuracy all {acc:.1f} (reused from the run store)"
+    assert lines[1].endswith("(done before, reused)")
+    assert re.fullmatch(r"coop: 2 runs \(0 trained, 2 reused, 1 of them from the run store\) in \d+\.\d s", lines[2])
+
+
+def test_output_state_drops_only_the_wall_time():
+    """A run file holds no wall time (the same run writes the same bytes in every process); nothing else goes."""
+    state = {"hash": "h", "rows": [{"accuracy": 1.0}], "history": {"epochs": [{"loss": 0.5}], "steps": 4,
+                                                                   "seconds": 1.25}}
+    assert runs.output_state(state) == {"hash": "h", "rows": [{"accuracy": 1.0}],
+                                        "history": {"epochs": [{"loss": 0.5}], "steps": 4}}
+    assert state["history"]["seconds"] == 1.25  # the run store's copy keeps it
+    static = {"hash": "h", "rows": []}  # a static method's run has no history
+    assert runs.output_state(static) == static and "history" not in runs.output_state(static)
+    assert runs.output_state({"history": None}) == {"history": {}}
+
+
+def test_image_record_is_what_predict_needs_from_the_feature_file():
+    meta = {"size": 28, "transform": {"normalize": "backbone"}, "backbone": "tiny", "weights_sha256": "d92f",
+            "views": 2, "dataset": "bloodmnist"}
+    data = SimpleNamespace(features=SimpleNamespace(meta=meta))
+    assert runs.image_record(data) == {"size": 28, "transform": {"normalize": "backbone"}, "backbone": "tiny",
+                                       "weights_sha256": "d92f"}
+    assert runs.image_record(SimpleNamespace(features=SimpleNamespace(meta={"size": 64}))) == {"size": 64}
+    assert runs.image_record(SimpleNamespace(features=object())) == {}  # a stand-in without a record
