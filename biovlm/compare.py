@@ -105,8 +105,7 @@ def table(experiments: list[Experiment], knobs: list[str] | None = None) -> str:
     ``n/a``: the method has no number in that setting (the linear probe has no novel classes); ``-``: the
     experiment has no headline numbers at all. The data row says SYNTHETIC DATA for the demo's synthetic twins."""
     knobs = differing_knobs(experiments) if knobs is None else knobs
-    rows: list[tuple[str, list[str]]] = [("", [e.name for e in experiments]),
-                                         ("  data", [SYNTHETIC_MARK if e.params.get("data.synthetic") else "MedMNIST+"
+    rows: list[tuple[str, list[str]]] = [("  data", [SYNTHETIC_MARK if e.params.get("data.synthetic") else "MedMNIST+"
                                                      for e in experiments])]
     if len(experiments) > 1:
         rows.append(("knobs that differ" if knobs else "knobs: all the same", []))
@@ -127,8 +126,8 @@ def table(experiments: list[Experiment], knobs: list[str] | None = None) -> str:
     if not any(e.metrics for e in experiments):
         rows.append(("no headline numbers yet (run `dvc exp run -S profile=demo`)", []))
     blank = [""] * len(experiments)  # a section title: a row without values
-    frame = pd.DataFrame([cells or blank for _, cells in rows[1:]], index=[label for label, _ in rows[1:]],
-                         columns=rows[0][1])
+    frame = pd.DataFrame([cells or blank for _, cells in rows], index=[label for label, _ in rows],
+                         columns=[e.name for e in experiments])
     return "\n".join(line.rstrip() for line in frame.to_string().splitlines())
 
 
