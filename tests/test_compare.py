@@ -234,3 +234,11 @@ def test_table_with_chosen_knobs_and_partial_settings():
     lines = compare.table([only_cross]).splitlines()
     assert lines[2].split() == ["profile", "(0", "knobs", "in", "params.yaml)", "-"]
     assert lines[3] == "cross-dataset (%)" and lines[4].split() == ["CoOp", "50.0"] and len(lines) == 5
+
+
+def test_the_docs_example_is_this_table():
+    """docs/experiments.md shows the start of the two-experiment table above (then ``...``): it must stay true."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "experiments.md").read_text()
+    example = docs.split("```text\n", 1)[1].split("\n  ...\n```", 1)[0]
+    table = compare.table(compare.select(compare.experiments_from_json(exp_show_json()), []))
+    assert table.startswith(example + "\n"), example
