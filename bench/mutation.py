@@ -95,8 +95,9 @@ def summarise(counts: dict[str, Counter]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], seconds: float | None, machine_line: str, page: bool = True) -> str:
-    """The figures as a page (``page``) or as the table block of docs/testing.md."""
+def markdown(rows: list[dict], full_run: dict | None, machine_line: str, page: bool = True) -> str:
+    """The figures as a page (``page``) or as the table block of docs/testing.md; ``full_run``: the time, mutant
+    count and commit of the last run from an empty ``mutants/`` (a later incremental run keeps it)."""
     lines = ["# Mutation testing", ""] if page else []
     lines += ["Written by `python bench/mutation.py` (do not edit by hand). Mutants of each module (mutmut "
               "3.8.1, the fast tests: `-m 'not slow'`), how many the tests kill, and the project's target. "
@@ -114,9 +115,9 @@ def markdown(rows: list[dict], seconds: float | None, machine_line: str, page: b
     unchecked = sum(r.get("not_checked", 0) for r in rows)
     if unchecked:
         lines.append(f"An interrupted run: {unchecked} mutants not checked yet (counted in `other`).")
-    if seconds is not None:
-        last = "The last full run" if unchecked else "Full run"
-        lines.append(f"{last} from an empty `mutants/`: {seconds / 60:.1f} minutes.")
+    if full_run:
+        lines.append(f"The last run from an empty `mutants/` ({full_run['mutants']} mutants, commit "
+                     f"{full_run['commit'][:12]}): {full_run['seconds'] / 60:.1f} minutes.")
     lines += ["", machine_line, ""]
     return "\n".join(lines)
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--survivors", action="store_true", help="list every mutant the tests did not kill")
     args = ap.parse_args(argv)
 
-    seconds = None
+    full_run = None
     if not args.no_run:
         if args.fresh:
             subprocess.run(["rm", "-rf", str(REPO / "mutants")], check=True)
@@ -148,24 +149,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{reset_survivors()} survivors will be tested again", flush=True)
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "mutmut", "run"], cwd=REPO, check=True)
-        seconds = time.perf_counter() - start if args.fresh else None
+        seconds = time.perf_counter() - start
     rows = summarise(collect())
     if not rows:
         sys.exit("no mutmut results in mutants/: run without --no-run first")
+    machine = machine_line()  # before this script writes its figures (the commit would read as dirty)
+    previous = FIGURES.with_suffix(".json")
+    if not args.no_run and args.fresh:
+        from biovlm import environment
+
+        full_run = {"seconds": round(seconds, 1), "mutants": sum(r["mutants"] for r in rows),
+                    "commit": environment.describe()["git_commit"]}
+    elif previous.exists():
+        full_run = json.loads(previous.read_text()).get("full_run")
     if args.survivors:
         print("\n".join(survivors()))
-    text = markdown(rows, seconds, machine_line())
+    text = markdown(rows, full_run, machine)
     print(text)
     if not args.no_write:
-        previous = FIGURES.with_suffix(".json")
-        if seconds is None and previous.exists():  # keep the last full run's time beside figures from a partial one
-            seconds = json.loads(previous.read_text()).get("seconds")
-            text = markdown(rows, seconds, machine_line())
         FIGURES.parent.mkdir(parents=True, exist_ok=True)
         FIGURES.write_text(text)
-        replace_block(REPO / "docs" / "testing.md", "mutation-figures", markdown(rows, seconds, machine_line(), False))
-        previous.write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1) + "\n")
-    emit({"rows": rows, "seconds": seconds})
+        replace_block(REPO / "docs" / "testing.md", "mutation-figures", markdown(rows, full_run, machine, False))
+        previous.write_text(json.dumps({"rows": rows, "full_run": full_run}, indent=1) + "\n")
+    emit({"rows": rows, "full_run": full_run})
     return 0 if all(r["met"] for r in rows) else 1
 
 

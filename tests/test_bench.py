@@ -177,3 +177,22 @@ def test_scaling_prepares_the_demo_as_dvc_exp_run_composes_it(scaling, tmp_path,
     assert cfg["_profile"] == "demo" and cfg["backbone"]["name"] == "tiny-pretrained" and cfg["data"]["synthetic"]
     assert calls[-3:] == [["stages.attributes"], ["stages.features"], ["stages.filter"]]
     assert len(calls) == len(cfg["datasets"]) + 3
+
+
+@pytest.fixture(scope="module")
+def mutation():
+    yield from _bench_module("mutation")
+
+
+def test_mutation_figures_name_the_full_run_they_time(mutation):
+    """The time of a run from an empty mutants/ is printed with its mutant count and commit, so an incremental
+    run's table never passes an older, smaller run's time off as its own."""
+    rows = [{"module": "biovlm/plan.py", "mutants": 10, "killed": 9, "survived": 1, "other": 0, "not_checked": 0,
+             "rate": 0.9, "target": 0.9, "met": True}]
+    full = {"seconds": 2843.4, "mutants": 5626, "commit": "ffa74f58595085a645940b30"}
+    text = mutation.markdown(rows, full, "Machine: m.")
+    assert "| `biovlm/plan.py` | 10 | 9 | 1 | 0 | 90.0 | 90 | yes |" in text
+    assert "The last run from an empty `mutants/` (5626 mutants, commit ffa74f585950): 47.4 minutes." in text
+    assert "minutes" not in mutation.markdown(rows, None, "Machine: m.")
+    unfinished = [{**rows[0], "other": 4, "not_checked": 4}]
+    assert "An interrupted run: 4 mutants not checked yet" in mutation.markdown(unfinished, None, "Machine: m.")
