@@ -371,11 +371,14 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     changed = json.loads(diff)
     assert any("biovlm" in key for path in changed.values() for key in path), diff[:2000]
 
-    # the two experiments side by side: the one knob that differs, then the headline numbers
-    table = subprocess.run([sys.executable, "-m", "biovlm.compare"], cwd=repo, capture_output=True, text=True,
-                           check=True).stdout.splitlines()
+    # the committed results and the experiment (applied to the workspace) side by side: the one knob that differs,
+    # then the headline numbers
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.strip()[:10]
+    table = subprocess.run([sys.executable, "-m", "biovlm.compare", head, "workspace"], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
     assert table[1].split() == ["data", "SYNTHETIC", "DATA", "SYNTHETIC", "DATA"], table
     assert table[2:4] == ["knobs that differ", table[3]] and table[3].split()[0] == "biovlm.select_ratio", table
-    assert sorted(table[3].split()[1:]) == ["0.5", "1.0"], table
+    assert table[3].split()[1:] == ["0.5", "1.0"], table
     biovlm_rows = [line.split()[1:] for line in table if line.startswith("  BioVLM ")]
     assert len(biovlm_rows) == 3 and all(len(cells) == 2 for cells in biovlm_rows), table
