@@ -16,10 +16,15 @@ def kill_first_run() -> None:
     train_and_evaluate = runs.train_and_evaluate
 
     def killing(*args, **kwargs):
-        if os.environ.get("BIOVLM_TEST_KILL_ALWAYS") or not marker.exists():
-            with open(marker, "a") as f:
-                f.write(f"{os.getpid()}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return train_and_evaluate(*args, **kwargs)
+        # Claiming the marker is atomic (O_EXCL): two workers starting their first runs together must not both see
+        # no marker and both die (a check-then-write race that killed two workers in CI).
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if os.environ.get("BIOVLM_TEST_KILL_ALWAYS") else os.O_EXCL)
+        try:
+            fd = os.open(marker, flags)
+        except FileExistsError:
+            return train_and_evaluate(*args, **kwargs)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     runs.train_and_evaluate = killing
