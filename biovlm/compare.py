@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from biovlm.config import stage_description
+from biovlm.config import flatten, stage_description
 from biovlm.methods import display_name
 from biovlm.plots import NA, SYNTHETIC_MARK
 
@@ -41,17 +41,6 @@ class Experiment:
     kind: str  # "workspace", "commit" or "experiment"
     params: dict[str, Any]  # params.yaml, flattened to dotted keys
     metrics: dict[str, dict[str, float]]  # setting -> method -> headline number
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values, as ``dvc exp show`` prints them)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _experiment(entry: dict, kind: str) -> Experiment:

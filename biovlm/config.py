@@ -239,21 +239,25 @@ def compose(profile: str = "paper", conf_dir: str | Path = CONF_DIR) -> dict:
     return yaml.load(compose_text(profile, conf_dir), Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
 
 
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the leaves by dotted key (lists and empty mappings are leaves, as
+    ``dvc exp show`` prints them)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def profile_values(profile: str, conf_dir: str | Path = CONF_DIR) -> dict[str, Any]:
     """The values ``conf/profile/<profile>.yaml`` sets, by dotted key (its leaves, ``profile`` itself aside)."""
     path = Path(conf_dir) / "profile" / f"{profile}.yaml"
-    values: dict[str, Any] = {}
-
-    def walk(node: Any, where: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{where}.{k}" if where else str(k))
-        elif where != "profile":
-            values[where] = node
-
-    if path.exists():
-        walk(yaml.load(path.read_text(), Loader=ParamsLoader) or {}, "")  # noqa: S506 (a SafeLoader)
-    return values
+    if not path.exists():
+        return {}
+    tree = yaml.load(path.read_text(), Loader=ParamsLoader) or {}  # noqa: S506 (a SafeLoader)
+    return {k: v for k, v in flatten(tree).items() if k != "profile"}
 
 
 def _has_value(cfg: Mapping, key: str, value: Any) -> bool:
@@ -304,7 +308,6 @@ def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
 
         check_params(path)
     return cfg
-
 
 
 # ----------------------------------------------------------------------------------------------- validation
