@@ -122,10 +122,11 @@ def markdown(rows: list[dict], full_run: dict | None, machine_line: str, page: b
     return "\n".join(lines)
 
 
-def machine_line() -> str:
+def machine_line(env: dict | None = None) -> str:
+    """The machine, packages and commit of ``env`` (default: ``biovlm.environment.describe()`` now)."""
     from biovlm import environment
 
-    env = environment.describe()
+    env = env or environment.describe()
     m = env["machine"]
     return (f"Machine: {m['processor']}, {m['cores']} cores, Python {m['python']}; packages: "
             + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['git_commit']}.")
@@ -153,13 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(collect())
     if not rows:
         sys.exit("no mutmut results in mutants/: run without --no-run first")
-    machine = machine_line()  # before this script writes its figures (the commit would read as dirty)
+    from biovlm import environment
+
+    env = environment.describe()  # before this script writes its figures (the commit would read as dirty)
+    machine = machine_line(env)
     previous = FIGURES.with_suffix(".json")
     if not args.no_run and args.fresh:
-        from biovlm import environment
-
         full_run = {"seconds": round(seconds, 1), "mutants": sum(r["mutants"] for r in rows),
-                    "commit": environment.describe()["git_commit"]}
+                    "commit": env["git_commit"]}
     elif previous.exists():
         full_run = json.loads(previous.read_text()).get("full_run")
     if args.survivors:
